@@ -1,0 +1,203 @@
+"""The scorer interface: the one seam between `dcd/` and any model that scores image-text pairs.
+
+Teachers (ViLT, METER, a user's BLIP) and students (dual encoder, fusion cross-encoder) all implement
+`Scorer`, so retrieval evaluation, re-ranking, hard-negative selection and distillation treat them
+alike and never look inside a model.
+
+Conventions (plain dicts of tensors, so `.to(device)` and indexing stay trivial):
+
+* image inputs  ``{"pixel_values": float[B, 3, H, W], "pixel_mask": long[B, H, W]}`` (1 = real pixel)
+* text inputs   ``{"input_ids": long[B, L], "attention_mask": long[B, L]}``
+* features      ``dict[str, Tensor]``, every tensor with the item axis first, so a subset of
+  images or texts is ``select(features, index)``. What a model caches per modality is its own
+  business (a pooled embedding, a token sequence, patch embeddings).
+
+Scoring splits into a per-modality part (``encode_images`` / ``encode_texts``: run once per image and
+once per caption) and a per-pair part (``score_features`` / ``score_feature_pairs``). A dual encoder's
+per-pair part is a dot product; a cross-encoder's is its fusion layers. ``score`` and ``score_pairs``
+compose the two and are what callers use.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Sequence
+
+import torch
+from torch import Tensor, nn
+
+Features = Dict[str, Tensor]
+Inputs = Dict[str, Tensor]
+
+
+def select(features: Features, index: Tensor | Sequence[int] | slice) -> Features:
+    """Rows ``index`` of every tensor in ``features`` (the item axis is always first)."""
+    if not isinstance(index, (Tensor, slice)):
+        index = torch.as_tensor(index, dtype=torch.long)
+    if isinstance(index, Tensor):
+        index = index.to(next(iter(features.values())).device)
+    return {k: v[index] for k, v in features.items()}
+
+
+def num_items(features: Features) -> int:
+    return next(iter(features.values())).shape[0]
+
+
+def concat(chunks: List[Features]) -> Features:
+    """Concatenate feature dicts along the item axis, padding token axes to a common length."""
+    out: Features = {}
+    for key in chunks[0]:
+        parts = [c[key] for c in chunks]
+        if parts[0].dim() >= 2 and len({p.shape[1] for p in parts}) > 1:
+            width = max(p.shape[1] for p in parts)
+            parts = [nn.functional.pad(p, [0, 0] * (p.dim() - 2) + [0, width - p.shape[1]]) for p in parts]
+        out[key] = torch.cat(parts)
+    return out
+
+
+def pad_images(images: List[Tensor]) -> Inputs:
+    """Stack [3, H, W] tensors of possibly different sizes, zero-padding to the largest, with a pixel mask."""
+    if not images:
+        raise ValueError("pad_images: empty list of images")
+    height = max(t.shape[1] for t in images)
+    width = max(t.shape[2] for t in images)
+    pixels = images[0].new_zeros(len(images), 3, height, width)
+    mask = torch.zeros(len(images), height, width, dtype=torch.long)
+    for i, t in enumerate(images):
+        pixels[i, :, : t.shape[1], : t.shape[2]] = t
+        mask[i, : t.shape[1], : t.shape[2]] = 1
+    return {"pixel_values": pixels, "pixel_mask": mask}
+
+
+def to_device(inputs: Dict[str, Tensor], device: torch.device | str) -> Dict[str, Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+
+
+class Scorer(nn.Module):
+    """Anything that scores image-text pairs: one unnormalised retrieval logit per (image, text).
+
+    Subclasses implement ``image_transform``, ``tokenize``, ``encode_images``, ``encode_texts`` and
+    ``score_feature_pairs``; ``score_features`` has a generic chunked implementation that a subclass
+    overrides when it can do better (a dual encoder's matrix product).
+    """
+
+    #: short family name used by registries and checkpoints ("meter", "vilt", "dual", ...)
+    family: str = "scorer"
+    #: how many (image, text) pairs the per-pair part scores at once in ``score_features``
+    pair_chunk: int = 256
+
+    # ----------------------------------------------------------------- preprocessing (model's own)
+    def image_transform(self, train: bool = False) -> Callable:
+        """PIL image -> float tensor [3, H, W], the model's own resize and normalisation."""
+        raise NotImplementedError
+
+    def collate_images(self, images: List[Tensor]) -> Inputs:
+        """Batch transformed images; the default pads to the largest size with a pixel mask."""
+        return pad_images(images)
+
+    def tokenize(self, texts: Sequence[str]) -> Inputs:
+        """Captions -> {"input_ids", "attention_mask"}, padded to the longest in the batch."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- per-modality part
+    def encode_images(self, images: Inputs) -> Features:
+        raise NotImplementedError
+
+    def encode_texts(self, texts: Inputs) -> Features:
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- per-pair part
+    def score_feature_pairs(self, image_features: Features, text_features: Features) -> Tensor:
+        """Aligned pairs: image i with text i -> logits [N]."""
+        raise NotImplementedError
+
+    def score_features(self, image_features: Features, text_features: Features) -> Tensor:
+        """Every image with every text -> logits [n_images, n_texts], in chunks of ``pair_chunk`` pairs."""
+        n_img, n_txt = num_items(image_features), num_items(text_features)
+        device = next(iter(image_features.values())).device
+        rows = []
+        per_chunk = max(1, self.pair_chunk // max(1, n_txt))
+        for start in range(0, n_img, per_chunk):
+            img_idx = torch.arange(start, min(start + per_chunk, n_img), device=device)
+            # pairs (i, t) for i in this chunk, t over all texts, image-major
+            pair_img = img_idx.repeat_interleave(n_txt)
+            pair_txt = torch.arange(n_txt, device=device).repeat(len(img_idx))
+            if len(pair_img) <= self.pair_chunk:
+                logits = self.score_feature_pairs(select(image_features, pair_img), select(text_features, pair_txt))
+            else:
+                logits = torch.cat([
+                    self.score_feature_pairs(
+                        select(image_features, pair_img[s:s + self.pair_chunk]),
+                        select(text_features, pair_txt[s:s + self.pair_chunk]),
+                    )
+                    for s in range(0, len(pair_img), self.pair_chunk)
+                ])
+            rows.append(logits.view(len(img_idx), n_txt))
+        return torch.cat(rows)
+
+    # ----------------------------------------------------------------- what callers use
+    def score(self, images: Inputs, texts: Inputs) -> Tensor:
+        """Full pairwise matrix [n_images, n_texts] for a block of images x a block of texts."""
+        return self.score_features(self.encode_images(images), self.encode_texts(texts))
+
+    def score_pairs(self, images: Inputs, texts: Inputs) -> Tensor:
+        """Aligned pairs (image i, text i) -> [N]."""
+        return self.score_feature_pairs(self.encode_images(images), self.encode_texts(texts))
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.parameters():
+            return p.device
+        for b in self.buffers():
+            return b.device
+        return torch.device("cpu")
+
+
+class Teacher(Scorer):
+    """A frozen view of a scorer: eval mode always, no gradients, never trained by dcd.
+
+    The architecture (``self.model``) stays an ordinary trainable ``Scorer`` so that the embedded
+    default can fine-tune it first; wrapping it in ``Teacher`` freezes every parameter, and ``train()``
+    is overridden so that a user's ``distiller.train()`` cannot switch dropout back on.
+    """
+
+    def __init__(self, model: Scorer):
+        super().__init__()
+        if isinstance(model, Teacher):
+            model = model.model
+        self.model = model
+        self.family = model.family
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> "Teacher":  # a teacher stays in eval mode
+        return super().train(False)
+
+    # preprocessing is the wrapped model's own
+    def image_transform(self, train: bool = False) -> Callable:
+        return self.model.image_transform(train)
+
+    def collate_images(self, images: List[Tensor]) -> Inputs:
+        return self.model.collate_images(images)
+
+    def tokenize(self, texts: Sequence[str]) -> Inputs:
+        return self.model.tokenize(texts)
+
+    @property
+    def tokenizer(self):
+        return self.model.tokenizer
+
+    @torch.no_grad()
+    def encode_images(self, images: Inputs) -> Features:
+        return self.model.encode_images(images)
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Inputs) -> Features:
+        return self.model.encode_texts(texts)
+
+    @torch.no_grad()
+    def score_feature_pairs(self, image_features: Features, text_features: Features) -> Tensor:
+        return self.model.score_feature_pairs(image_features, text_features)
+
+    @torch.no_grad()
+    def score_features(self, image_features: Features, text_features: Features) -> Tensor:
+        return self.model.score_features(image_features, text_features)
