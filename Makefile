@@ -1,0 +1,51 @@
+# dcd: every target that needs the environment depends on `install`, so each works as the first command typed.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+TEACHER      ?= meter
+DATA         ?= synthetic
+DATA_ROOT    ?=
+TEACHER_CKPT ?=
+STUDENT      ?= dual
+OUT          ?=
+DEVICE       ?= cpu
+EPOCHS       ?=
+ARGS         ?=
+
+DISTILL_FLAGS = --teacher $(TEACHER) --data $(DATA) --student $(STUDENT) --device $(DEVICE) \
+	$(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(if $(TEACHER_CKPT),--teacher-checkpoint $(TEACHER_CKPT)) \
+	$(if $(OUT),--out $(OUT)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(ARGS)
+
+.PHONY: install test distill teacher bench data clean
+
+install: $(STAMP)
+
+# torch is pinned to the release that lies on the build machines' disk; the rest comes from setup.cfg.
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+distill: install
+	$(BIN)/dcd distill $(DISTILL_FLAGS)
+
+teacher: install
+	$(BIN)/dcd teacher --teacher $(TEACHER) --data $(DATA) --device $(DEVICE) \
+		$(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(ARGS)
+
+bench: install
+	$(BIN)/python benchmarks/latency.py --device $(DEVICE) $(ARGS)
+
+data: install
+	$(BIN)/dcd data $(ARGS)
+
+clean:
+	rm -rf runs build dist *.egg-info .pytest_cache
+	find . -name __pycache__ -prune -exec rm -rf {} +
