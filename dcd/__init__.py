@@ -1,2 +1,11 @@
-"""dcd: Dynamic Contrastive Distillation for image-text retrieval."""
+"""dcd: Dynamic Contrastive Distillation of image-text retrieval cross-encoders.
+
+``dcd.wrap(teacher, student)`` is the plug-in API; ``dcd distill`` / ``make distill`` the end-to-end job.
+"""
+from .distiller import DCDConfig, Distiller, wrap
+from .score_cache import TeacherScoreCache
+from .trainer import TrainConfig, Trainer
+
 __version__ = "0.1.0"
+
+__all__ = ["DCDConfig", "Distiller", "TeacherScoreCache", "TrainConfig", "Trainer", "wrap", "__version__"]

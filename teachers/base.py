@@ -109,6 +109,18 @@ class Scorer(nn.Module):
         """Aligned pairs: image i with text i -> logits [N]."""
         raise NotImplementedError
 
+    def score_index_pairs(self, image_features: Features, text_features: Features, image_index: Tensor,
+                          text_index: Tensor) -> Tensor:
+        """Pairs (image_index[n], text_index[n]) of two feature sets -> logits [N], ``pair_chunk`` at a time."""
+        chunks = [
+            self.score_feature_pairs(
+                select(image_features, image_index[s:s + self.pair_chunk]),
+                select(text_features, text_index[s:s + self.pair_chunk]),
+            )
+            for s in range(0, len(image_index), self.pair_chunk)
+        ]
+        return torch.cat(chunks) if len(chunks) != 1 else chunks[0]
+
     def score_features(self, image_features: Features, text_features: Features) -> Tensor:
         """Every image with every text -> logits [n_images, n_texts], in chunks of ``pair_chunk`` pairs."""
         n_img, n_txt = num_items(image_features), num_items(text_features)
@@ -120,16 +132,7 @@ class Scorer(nn.Module):
             # pairs (i, t) for i in this chunk, t over all texts, image-major
             pair_img = img_idx.repeat_interleave(n_txt)
             pair_txt = torch.arange(n_txt, device=device).repeat(len(img_idx))
-            if len(pair_img) <= self.pair_chunk:
-                logits = self.score_feature_pairs(select(image_features, pair_img), select(text_features, pair_txt))
-            else:
-                logits = torch.cat([
-                    self.score_feature_pairs(
-                        select(image_features, pair_img[s:s + self.pair_chunk]),
-                        select(text_features, pair_txt[s:s + self.pair_chunk]),
-                    )
-                    for s in range(0, len(pair_img), self.pair_chunk)
-                ])
+            logits = self.score_index_pairs(image_features, text_features, pair_img, pair_txt)
             rows.append(logits.view(len(img_idx), n_txt))
         return torch.cat(rows)
 

@@ -1,0 +1,321 @@
+"""``dcd.wrap(teacher, student)``: Dynamic Contrastive Distillation as one ``nn.Module``.
+
+Per training sample (image I, positive caption t+), in each enabled direction:
+
+1. candidates: K negatives (:mod:`dcd.candidates`): image->text from the caption corpus (random, or
+   the student's nearest captions) or, with no corpus given, from the batch; text->image from the
+   batch's other images;
+2. the frozen teacher scores the 1 + K candidates (or the :class:`~dcd.score_cache.TeacherScoreCache`
+   supplies the scores) and keeps the positive plus its k hardest negatives
+   (:mod:`dcd.hard_negatives`); the student scores exactly those, in the same order;
+3. per-sample losses (:mod:`dcd.losses`) weighted per sample (:mod:`dcd.weighting`)::
+
+       L = alpha * sum_i r_i * L_distill_i + (1 - alpha) * (sum_i w_i * L_self_i + c * L_contrastive)
+
+   where ``L_contrastive`` is a dual student's in-batch InfoNCE (gathered across ranks).
+
+With ``use_teacher=False`` (or no teacher) the same module trains the student on its own: 1 + k
+random candidates, the self-learning loss, uniform weights. That is the undistilled baseline, and
+with ``self_loss="ce"`` it is also how a cross-encoder is fine-tuned for retrieval (the embedded
+default's teacher is trained that way).
+
+Batches are those of :func:`dcd.data.collate_train` with models ``{"teacher": ..., "student": ...}``:
+``{"images": {role: ...}, "texts": {role: ...}, "captions", "image_index", "caption_index"}``.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from teachers import as_teacher
+from teachers.base import Features, Scorer, Teacher, concat, select, to_device
+
+from . import candidates as cands
+from .hard_negatives import gather, select_hard
+from .losses import DISTILL_LOSSES, SELF_LOSSES, contrastive_loss, distill_loss, self_loss
+from .weighting import AlphaSchedule, dynamic_weights, uniform_weights
+
+__all__ = ["DCDConfig", "Distiller", "wrap"]
+
+DIRECTIONS = ("i2t", "t2i")
+
+
+@dataclass
+class DCDConfig:
+    """Every knob of the method; defaults follow the reference (COCO) except where noted."""
+
+    num_negatives: int = 15  # K candidates the teacher scores per sample (reference: 15 COCO, 63 Flickr30K)
+    num_hard: int = 7  # k hardest kept for the student (reference: 7)
+    negatives: str = "random"  # image->text source: "random" corpus captions or the student's "nearest"
+    refresh_every: int = 100  # steps between refreshes of the student's caption bank ("nearest")
+    directions: Tuple[str, ...] = DIRECTIONS  # reference: image->text only
+    distill_loss: str = "kl"  # "kl" or "mse" (reference)
+    self_loss: str = "ce"  # "ce" or "bce" (reference)
+    temperature: float = 1.0  # KL temperature
+    entropy_temperature: float = 1.0  # T of the teacher distribution behind the dynamic weights
+    alpha: float = 0.2  # distillation share of the loss
+    alpha_end: Optional[float] = None  # with alpha_schedule linear / cosine; default: alpha
+    alpha_schedule: str = "constant"
+    total_steps: Optional[int] = None  # training length, for an alpha schedule
+    dynamic: bool = True  # per-sample entropy weights; False: uniform
+    hard_negative_mining: bool = True  # False: distil over all 1 + K candidates (reference useHNM)
+    contrastive: float = 1.0  # weight of a dual student's in-batch contrastive loss
+    use_teacher: bool = True  # False: the undistilled baseline
+
+    def __post_init__(self) -> None:
+        self.directions = tuple(self.directions)
+        if not self.directions or set(self.directions) - set(DIRECTIONS):
+            raise ValueError(f"directions must be a non-empty subset of {DIRECTIONS}, got {self.directions}")
+        if self.distill_loss not in DISTILL_LOSSES:
+            raise ValueError(f"distill_loss must be one of {DISTILL_LOSSES}, not {self.distill_loss!r}")
+        if self.self_loss not in SELF_LOSSES:
+            raise ValueError(f"self_loss must be one of {SELF_LOSSES}, not {self.self_loss!r}")
+        if self.negatives not in ("random", "nearest"):
+            raise ValueError(f"negatives must be 'random' or 'nearest', not {self.negatives!r}")
+        if not 0 < self.num_hard <= self.num_negatives:
+            raise ValueError(f"num_hard ({self.num_hard}) must be in 1..num_negatives ({self.num_negatives})")
+        if self.alpha_schedule != "constant" and not self.total_steps:
+            raise ValueError(f"alpha_schedule={self.alpha_schedule!r} needs total_steps")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "DCDConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"unknown DCD option(s) {unknown}; options are {sorted(known)}")
+        return cls(**kwargs)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+class Distiller(nn.Module):
+    """Teacher (frozen) + student; ``forward(batch)`` returns ``{"loss", "distill", "self", ...}``.
+
+    Only the student trains: the teacher is wrapped in :class:`teachers.Teacher`, sharing no storage
+    with the student, and left out of ``state_dict`` (checkpoints hold the student only).
+    """
+
+    def __init__(self, teacher: Optional[Any], student: Scorer, config: Optional[DCDConfig] = None,
+                 captions: Optional[Sequence[str]] = None, caption_image: Optional[Tensor] = None,
+                 score_cache=None):
+        super().__init__()
+        self.config = config or DCDConfig()
+        if teacher is None:
+            self.config.use_teacher = False
+        self.teacher: Optional[Teacher] = as_teacher(teacher) if teacher is not None else None
+        self.student = student
+        if self.teacher is not None:
+            _check_no_shared_storage(self.teacher, student)
+        if (captions is None) != (caption_image is None):
+            raise ValueError("pass both captions and caption_image (the corpus of image->text negatives), or neither")
+        if captions is not None and len(captions) != len(caption_image):
+            raise ValueError(f"captions has {len(captions)} entries but caption_image {len(caption_image)}")
+        self.captions = list(captions) if captions is not None else None
+        # kept on the CPU, where candidates are drawn and captions tokenised
+        self.caption_image = None if caption_image is None else torch.as_tensor(caption_image).long().cpu()
+        if self.config.negatives == "nearest" and self.captions is None:
+            raise ValueError("negatives='nearest' needs the caption corpus: wrap(..., captions=, caption_image=)")
+        self.score_cache = score_cache
+        self.alpha_schedule = AlphaSchedule(self.config.alpha, self.config.alpha if self.config.alpha_end is None
+                                            else self.config.alpha_end, self.config.alpha_schedule)
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))  # checkpointed: drives the alpha schedule
+        self._caption_bank: Optional[Tensor] = None
+
+    # ------------------------------------------------------------------ what a training loop needs
+    def roles(self) -> Dict[str, Scorer]:
+        """The models whose inputs a batch carries: ``{"student": ..., "teacher": ...}``."""
+        return {"student": self.student, **({"teacher": self.teacher} if self.config.use_teacher else {})}
+
+    def transforms(self) -> Dict[str, Callable]:
+        """Per-role image preprocessing for :class:`dcd.data.TrainPairs` (the student's with augmentation)."""
+        return {role: model.image_transform(train=role == "student") for role, model in self.roles().items()}
+
+    def collate(self):
+        """Collate function for :class:`dcd.data.TrainPairs` batches."""
+        from dcd.data import collate_train
+
+        return collate_train(self.roles())
+
+    def state_dict(self, *args, **kwargs):
+        state = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+        for key in [k for k in state if k.startswith(prefix + "teacher.")]:
+            del state[key]
+        return state
+
+    def train(self, mode: bool = True) -> "Distiller":
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.train(False)
+        return self
+
+    def alpha(self) -> float:
+        total = self.config.total_steps or 1
+        return self.alpha_schedule(float(self.step) / total)
+
+    # ------------------------------------------------------------------ the loss
+    def forward(self, batch: Dict[str, Any]) -> Dict[str, Any]:
+        cfg = self.config
+        device = self.student.device
+        image_index = batch["image_index"].to(device)
+        use_teacher = cfg.use_teacher and self.teacher is not None
+
+        s_img = self.student.encode_images(batch["images"]["student"])
+        s_txt = self.student.encode_texts(batch["texts"]["student"])
+        t_img = t_txt = None
+        if use_teacher:
+            t_img = self.teacher.encode_images(batch["images"]["teacher"])
+            if "t2i" in cfg.directions or self.captions is None:
+                t_txt = self.teacher.encode_texts(batch["texts"]["teacher"])
+
+        parts: Dict[str, List[Tensor]] = {"distill": [], "self": []}
+        weights: Dict[str, Tensor] = {}
+        stats: Dict[str, Tensor] = {}
+        for direction in cfg.directions:
+            if direction == "i2t" and self.captions is not None:
+                student_scores, teacher_scores = self._i2t_corpus(batch, s_img, t_img)
+            else:
+                student_scores, teacher_scores = self._in_batch(direction, image_index, s_img, s_txt, t_img, t_txt)
+            if teacher_scores is not None:
+                w, r = dynamic_weights(teacher_scores, cfg.entropy_temperature) if cfg.dynamic else \
+                    (uniform_weights(len(teacher_scores), device),) * 2
+                parts["distill"].append((r * distill_loss(student_scores, teacher_scores, cfg.distill_loss,
+                                                          cfg.temperature)).sum())
+                stats[f"teacher_top1_{direction}"] = (teacher_scores.argmax(1) == 0).float().mean()
+                weights[direction] = torch.stack([w, r])
+            else:
+                w = uniform_weights(len(student_scores), device)
+            parts["self"].append((w * self_loss(student_scores, cfg.self_loss)).sum())
+
+        loss_self = torch.stack(parts["self"]).mean()
+        out: Dict[str, Any] = {}
+        if cfg.contrastive and "embedding" in s_img and hasattr(self.student, "scale"):
+            contrast = contrastive_loss(s_img["embedding"], s_txt["embedding"], self.student.scale(), image_index).mean()
+            loss_self = loss_self + cfg.contrastive * contrast
+            out["contrastive"] = contrast.detach()
+        if use_teacher:
+            alpha = self.alpha()
+            loss_distill = torch.stack(parts["distill"]).mean()
+            loss = alpha * loss_distill + (1.0 - alpha) * loss_self
+            out.update(distill=loss_distill.detach(), alpha=torch.tensor(alpha))
+        else:
+            loss = loss_self
+        if self.training:
+            self.step += 1
+        out.update(loss=loss, self=loss_self.detach(), weights=weights, **stats)
+        return out
+
+    # ------------------------------------------------------------------ candidate sets
+    def _i2t_corpus(self, batch, s_img: Features, t_img: Optional[Features]) -> Tuple[Tensor, Optional[Tensor]]:
+        """Image->text over corpus captions: ``(student [B, 1+k], teacher [B, 1+k] or None)``."""
+        cfg = self.config
+        image_index, caption_index = batch["image_index"].cpu(), batch["caption_index"].cpu()
+        use_teacher = cfg.use_teacher and self.teacher is not None
+        teacher_scores = None
+        if use_teacher and self.score_cache is not None and cfg.negatives == "random":
+            candidates, teacher_scores = self.score_cache.lookup(image_index, caption_index, cfg.num_negatives)
+            teacher_scores = teacher_scores.to(self.student.device)
+        else:
+            count = cfg.num_negatives if use_teacher else cfg.num_hard
+            if cfg.negatives == "nearest":
+                negatives = cands.nearest_captions(s_img["embedding"], self._bank(), image_index, self.caption_image, count)
+            else:
+                negatives = cands.random_captions(image_index, self.caption_image, count)
+            candidates = torch.cat([caption_index[:, None], negatives.cpu()], dim=1)
+            if use_teacher:
+                teacher_scores = self._score_captions(self.teacher, t_img, candidates)
+        if teacher_scores is not None:
+            keep = select_hard(teacher_scores, cfg.num_hard) if cfg.hard_negative_mining else \
+                torch.arange(teacher_scores.shape[1], device=teacher_scores.device).expand_as(teacher_scores)
+            teacher_scores = gather(teacher_scores, keep)
+            candidates = gather(candidates, keep.to(candidates.device))
+        return self._score_captions(self.student, s_img, candidates), teacher_scores
+
+    def _in_batch(self, direction: str, image_index: Tensor, s_img: Features, s_txt: Features,
+                  t_img: Optional[Features], t_txt: Optional[Features]) -> Tuple[Tensor, Optional[Tensor]]:
+        """Candidates from the batch: for each row, other rows' captions (i2t) or images (t2i)."""
+        cfg = self.config
+        use_teacher = t_img is not None
+        negatives = cands.in_batch(image_index, cfg.num_negatives if use_teacher else cfg.num_hard)
+        rows = torch.arange(len(image_index), device=image_index.device)
+        candidates = torch.cat([rows[:, None], negatives], dim=1)  # [B, 1 + K] batch rows
+        anchors = rows[:, None].expand_as(candidates)
+        pairs = (anchors, candidates) if direction == "i2t" else (candidates, anchors)  # (image rows, text rows)
+        teacher_scores = None
+        if use_teacher:
+            teacher_scores = _score_rows(self.teacher, t_img, t_txt, *pairs)
+            if cfg.hard_negative_mining:
+                keep = select_hard(teacher_scores, min(cfg.num_hard, teacher_scores.shape[1] - 1))
+                teacher_scores = gather(teacher_scores, keep)
+                pairs = tuple(gather(p, keep) for p in pairs)
+        return _score_rows(self.student, s_img, s_txt, *pairs), teacher_scores
+
+    def _score_captions(self, model: Scorer, image_features: Features, candidates: Tensor) -> Tensor:
+        """Logits ``[B, C]`` of batch image i with corpus captions ``candidates[i]`` (each encoded once)."""
+        unique, inverse = candidates.unique(return_inverse=True)
+        texts = to_device(model.tokenize([self.captions[int(c)] for c in unique]), model.device)
+        text_features = model.encode_texts(texts)
+        rows = torch.arange(len(candidates), device=model.device)[:, None].expand_as(candidates)
+        return _score_rows(model, image_features, text_features, rows, inverse.to(model.device))
+
+    @torch.no_grad()
+    def _bank(self) -> Tensor:
+        """The student's embedding of every corpus caption, refreshed every ``refresh_every`` steps."""
+        if self._caption_bank is None or int(self.step) % self.config.refresh_every == 0:
+            was_training = self.student.training
+            self.student.eval()
+            chunks = []
+            for start in range(0, len(self.captions), 512):
+                texts = to_device(self.student.tokenize(self.captions[start:start + 512]), self.student.device)
+                chunks.append(self.student.encode_texts(texts))
+            if "embedding" not in chunks[0]:
+                raise ValueError(f"negatives='nearest' needs a student with text embeddings (a dual encoder), "
+                                 f"not a {type(self.student).__name__}")
+            self._caption_bank = concat(chunks)["embedding"]
+            self.student.train(was_training)
+        return self._caption_bank
+
+    # ------------------------------------------------------------------ convenience loop
+    def fit(self, split, out_dir: str | Path, config=None, evaluate=None, resume: bool = False, **train_kwargs):
+        """Train on a :class:`dcd.data.CaptionSplit` with :class:`dcd.trainer.Trainer`; returns the history."""
+        from dcd.data import TrainPairs
+        from dcd.trainer import TrainConfig, Trainer
+
+        config = config or TrainConfig(**train_kwargs)
+        trainer = Trainer(self, TrainPairs(split, self.transforms()), self.collate(), config, Path(out_dir), evaluate)
+        if self.config.alpha_schedule != "constant" and self.config.total_steps is None:
+            self.config.total_steps = trainer.total_steps
+        return trainer.fit(resume=resume)
+
+
+def _score_rows(model: Scorer, image_features: Features, text_features: Features, image_rows: Tensor,
+                text_rows: Tensor) -> Tensor:
+    """``[B, C]`` logits of pairs (image_rows[i, j], text_rows[i, j])."""
+    flat = model.score_index_pairs(image_features, text_features, image_rows.reshape(-1), text_rows.reshape(-1))
+    return flat.view(image_rows.shape)
+
+
+def _check_no_shared_storage(teacher: nn.Module, student: nn.Module) -> None:
+    teacher_ptrs = {t.untyped_storage().data_ptr() for t in teacher.state_dict().values()}
+    shared = [n for n, p in student.named_parameters() if p.untyped_storage().data_ptr() in teacher_ptrs]
+    if shared:
+        raise ValueError(
+            f"student parameters share storage with the teacher ({shared[:3]}...): training would change the "
+            "teacher; build the student from a deep copy (students.create_student does)"
+        )
+
+
+def wrap(teacher: Optional[Any], student: Scorer, captions: Optional[Sequence[str]] = None,
+         caption_image: Optional[Tensor] = None, score_cache=None, **config) -> Distiller:
+    """The plug-in API: a :class:`Distiller` for ``teacher`` -> ``student`` (options: :class:`DCDConfig`).
+
+    ``teacher`` may be a dcd teacher, any ``Scorer``, or a raw model with a registered hook (e.g. a
+    transformers ``ViltForImageAndTextRetrieval``). Give ``captions`` / ``caption_image`` (the training
+    corpus) for image->text negatives from the whole corpus; without them negatives come from the batch.
+    """
+    return Distiller(teacher, student, DCDConfig.from_kwargs(**config), captions, caption_image, score_cache)

@@ -1,0 +1,173 @@
+"""Teacher scores computed once, stored on disk, memory-mapped: later epochs and re-runs skip the teacher.
+
+The teacher is the expensive part of distillation. For random negatives the candidate pools can be
+fixed up front: every training image gets ``pool_size`` negative captions (never its own), and the
+teacher scores them and every positive pair once. During training, each sample draws its K
+candidates from its image's pool and reads the teacher logits from the cache.
+
+Layout of the cache folder (written to a temporary folder and renamed into place, so a killed build
+leaves nothing half-written)::
+
+    header.json    what the cache was built from: teacher fingerprint, split, sizes, seed
+    pool.npy       int64   [num_images, pool_size]  negative caption indices
+    scores.npy     float32 [num_images, pool_size]  teacher logits of (image, pool caption)
+    positive.npy   float32 [num_captions]           teacher logit of (caption's image, caption)
+
+:meth:`TeacherScoreCache.open` refuses a cache whose header does not match what the caller expects
+(another teacher, split or pool size): a stale cache is an error naming the field, never silently used.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from teachers.base import concat, to_device
+
+__all__ = ["StaleCacheError", "TeacherScoreCache", "teacher_fingerprint"]
+
+FORMAT_VERSION = 1
+
+
+class StaleCacheError(ValueError):
+    """A score cache built for another teacher / split / pool than the one asked for."""
+
+
+def teacher_fingerprint(teacher: torch.nn.Module) -> str:
+    """SHA-1 of every parameter and buffer (names, shapes and values): changes whenever the weights do."""
+    digest = hashlib.sha1()
+    for name, tensor in sorted(teacher.state_dict().items()):
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class TeacherScoreCache:
+    """Read side: ``lookup(image_index, caption_index, k)`` -> candidate captions and teacher logits."""
+
+    def __init__(self, directory: Path, header: Dict[str, Any], pool: np.ndarray, scores: np.ndarray,
+                 positive: np.ndarray):
+        self.directory, self.header = Path(directory), header
+        self.pool, self.scores, self.positive = pool, scores, positive
+
+    @property
+    def pool_size(self) -> int:
+        return int(self.pool.shape[1])
+
+    # ------------------------------------------------------------------ open / build
+    @classmethod
+    def open(cls, directory: str | Path, expect: Optional[Dict[str, Any]] = None) -> "TeacherScoreCache":
+        directory = Path(directory)
+        header_path = directory / "header.json"
+        if not header_path.is_file():
+            raise FileNotFoundError(f"no teacher score cache at {directory} (missing header.json)")
+        header = json.loads(header_path.read_text())
+        for key, value in (expect or {}).items():
+            if header.get(key) != value:
+                raise StaleCacheError(
+                    f"teacher score cache {directory} is stale: header field {key!r} is {header.get(key)!r}, "
+                    f"expected {value!r}; delete the folder to rebuild it"
+                )
+        arrays = {name: np.load(directory / f"{name}.npy", mmap_mode="r") for name in ("pool", "scores", "positive")}
+        if arrays["pool"].shape != arrays["scores"].shape or arrays["positive"].shape != (header["num_captions"],):
+            raise StaleCacheError(f"teacher score cache {directory}: array shapes disagree with header.json")
+        return cls(directory, header, **arrays)
+
+    @classmethod
+    def build(cls, teacher, split, directory: str | Path, pool_size: int = 63, seed: int = 0, batch_size: int = 32,
+              device: str | torch.device = "cpu", progress: bool = True) -> "TeacherScoreCache":
+        """Score every image's pool and every positive pair with ``teacher``; reuse a matching cache."""
+        from dcd.candidates import random_captions
+        from dcd.data import EvalImages
+
+        directory = Path(directory)
+        header = {
+            "format": FORMAT_VERSION, "teacher": teacher_fingerprint(teacher), "split": split.name,
+            "source": str(split.source), "num_images": split.num_images, "num_captions": split.num_captions,
+            "pool_size": pool_size, "seed": seed,
+        }
+        if (directory / "header.json").is_file():
+            try:
+                return cls.open(directory, expect=header)
+            except StaleCacheError:
+                shutil.rmtree(directory)
+        caption_image = split.caption_image_tensor()
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)  # the pools depend on the seed only, not on the caller's RNG stream
+        pool = random_captions(torch.arange(split.num_images), caption_image, pool_size)
+        torch.random.set_rng_state(generator_state)
+
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            np.save(tmp / "pool.npy", pool.numpy())
+            scores = np.lib.format.open_memmap(tmp / "scores.npy", mode="w+", dtype=np.float32, shape=tuple(pool.shape))
+            positive = np.lib.format.open_memmap(tmp / "positive.npy", mode="w+", dtype=np.float32,
+                                                 shape=(split.num_captions,))
+            images = EvalImages(split, teacher.image_transform(False))
+            own = split.image_to_captions()
+            bar = tqdm(total=split.num_images, desc="teacher score cache", disable=not progress, unit="img")
+            with torch.inference_mode():
+                for start in range(0, split.num_images, batch_size):
+                    rows = list(range(start, min(start + batch_size, split.num_images)))
+                    pixels = teacher.collate_images([images[i] for i in rows])
+                    image_features = teacher.encode_images(to_device(pixels, device))
+                    pool_scores, own_captions, own_scores = _score_rows(
+                        teacher, split, image_features, rows, pool, own, device)
+                    scores[start:start + len(rows)] = pool_scores
+                    positive[own_captions] = own_scores
+                    bar.update(len(rows))
+            bar.close()
+            scores.flush(), positive.flush()
+            del scores, positive
+            (tmp / "header.json").write_text(json.dumps(header, indent=1))
+            os.replace(tmp, directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return cls.open(directory, expect=header)
+
+    # ------------------------------------------------------------------ read
+    def lookup(self, image_index: Tensor, caption_index: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+        """``(candidates [B, 1 + k], teacher logits [B, 1 + k])``: the positive, then k pool draws.
+
+        The k pool columns are drawn without replacement with the global torch RNG.
+        """
+        if k > self.pool_size:
+            raise ValueError(f"num_negatives={k} exceeds the cache's pool_size={self.pool_size} ({self.directory})")
+        rows = image_index.cpu().numpy()
+        columns = torch.rand(len(rows), self.pool_size).argsort(dim=1)[:, :k].numpy()
+        negatives = np.take_along_axis(self.pool[rows], columns, axis=1)
+        negative_scores = np.take_along_axis(self.scores[rows], columns, axis=1)
+        positives = caption_index.cpu().numpy()
+        candidates = torch.from_numpy(np.concatenate([positives[:, None], negatives], axis=1))
+        logits = torch.from_numpy(np.concatenate([self.positive[positives][:, None], negative_scores], axis=1).copy())
+        return candidates.to(image_index.device), logits.to(image_index.device)
+
+
+def _score_rows(teacher, split, image_features, rows, pool, own, device):
+    """Teacher logits of ``rows``' pool captions [rows, pool] and of their own captions (one text encoding each)."""
+    captions = sorted({int(c) for r in rows for c in pool[r].tolist()} | {c for r in rows for c in own[r]})
+    position = {c: i for i, c in enumerate(captions)}
+    text_features = concat([
+        teacher.encode_texts(to_device(teacher.tokenize([split.captions[c] for c in captions[i:i + 256]]), device))
+        for i in range(0, len(captions), 256)
+    ])
+    pool_rows = pool[rows]
+    image_rows = torch.arange(len(rows))[:, None].expand_as(pool_rows).reshape(-1)
+    text_rows = torch.tensor([position[int(c)] for c in pool_rows.reshape(-1).tolist()])
+    pool_scores = teacher.score_index_pairs(image_features, text_features, image_rows.to(device), text_rows.to(device))
+    own_captions = [c for r in rows for c in own[r]]
+    own_rows = torch.tensor([i for i, r in enumerate(rows) for _ in own[r]])
+    own_text_rows = torch.tensor([position[c] for c in own_captions])
+    own_scores = teacher.score_index_pairs(image_features, text_features, own_rows.to(device), own_text_rows.to(device))
+    return pool_scores.float().view(len(rows), -1).cpu().numpy(), own_captions, own_scores.float().cpu().tolist()
