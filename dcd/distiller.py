@@ -135,6 +135,10 @@ class Distiller(nn.Module):
         """Per-role image preprocessing for :class:`dcd.data.TrainPairs` (the student's with augmentation)."""
         return {role: model.image_transform(train=role == "student") for role, model in self.roles().items()}
 
+    def trainable_parameters(self) -> List[nn.Parameter]:
+        """What the optimiser gets: the student's trainable parameters, never the teacher's."""
+        return [p for p in self.parameters() if p.requires_grad]
+
     def collate(self):
         """Collate function for :class:`dcd.data.TrainPairs` batches."""
         from dcd.data import collate_train

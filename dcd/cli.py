@@ -1,0 +1,185 @@
+"""``dcd`` command line: ``dcd data``, ``dcd teacher``, ``dcd distill``, ``dcd eval``.
+
+The Makefile variables map onto these options (``make distill TEACHER=vilt DATA=coco ...``). Under
+``torchrun`` the process group is initialised from the environment (gloo on CPU, nccl on CUDA) and
+each rank trains on its shard; only rank 0 writes files.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import List, Optional
+
+__all__ = ["main", "build_parser"]
+
+
+def _distill_options(p: argparse.ArgumentParser) -> None:
+    from .pipeline import DistillSettings
+
+    d = DistillSettings()
+    g = p.add_argument_group("what to distil")
+    g.add_argument("--teacher", default=d.teacher, help="teacher family: meter | vilt (or a registered plugin)")
+    g.add_argument("--teacher-checkpoint", help="official .ckpt, hub id or save_pretrained directory "
+                   "(default: the embedded teacher, trained once on the embedded data set)")
+    g.add_argument("--student-checkpoint", help="start the dual student from this save_pretrained directory")
+    g.add_argument("--data", default=d.data, help="synthetic (embedded default) | coco | flickr30k | path to a "
+                   "Karpathy split or COCO caption json")
+    g.add_argument("--data-root", help="folder with dataset_coco.json / dataset_flickr30k.json and the images")
+    g.add_argument("--eval-split", default=d.eval_split, help="split reported in the table (never used for tuning)")
+    g.add_argument("--out", help="run folder (default: runs/<teacher>-<data>)")
+    g.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the undistilled baseline")
+    g.add_argument("--no-fusion", dest="fusion", action="store_false",
+                   help="skip the fusion student (and its re-rank row)")
+    t = p.add_argument_group("training budget (defaults: embedded ~15 min on 2 CPU cores / reference on real data)")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--max-steps", type=int, help="stop each student after this many optimiser steps")
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--device", default=d.device, help="cpu | cuda | cuda:N")
+    t.add_argument("--precision", default=d.precision, choices=("auto", "fp32", "bf16", "fp16"),
+                   help="mixed precision on CUDA (auto: bf16 where supported)")
+    t.add_argument("--num-workers", type=int, default=d.num_workers, help="data loader processes")
+    t.add_argument("--seed", type=int, default=d.seed)
+    m = p.add_argument_group("DCD method")
+    m.add_argument("--num-negatives", type=int, help="K candidates the teacher scores per sample "
+                   "(embedded 7; reference 15 COCO, 63 Flickr30K)")
+    m.add_argument("--num-hard", type=int, help="k hardest kept for the student (embedded 3; reference 7)")
+    m.add_argument("--negatives", default=d.negatives, choices=("random", "nearest"),
+                   help="image->text candidate source: random corpus captions or the student's nearest")
+    m.add_argument("--directions", default=",".join(d.directions), help="i2t,t2i | i2t | t2i")
+    m.add_argument("--distill-loss", default=d.distill_loss, choices=("kl", "mse"))
+    m.add_argument("--self-loss", default=d.self_loss, choices=("ce", "bce"))
+    m.add_argument("--alpha", type=float, default=d.alpha, help="distillation share of the loss")
+    m.add_argument("--alpha-schedule", default=d.alpha_schedule, choices=("constant", "linear", "cosine"))
+    m.add_argument("--alpha-end", type=float, help="final alpha of a linear / cosine schedule")
+    m.add_argument("--no-dynamic", dest="dynamic", action="store_false", help="uniform instead of entropy weights")
+    m.add_argument("--no-score-cache", dest="score_cache", action="store_false",
+                   help="score candidates with the teacher online instead of the precomputed cache")
+    m.add_argument("--rerank-k", type=int, default=d.rerank_k, help="dual-student candidates re-ranked per query")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dcd", description="Dynamic Contrastive Distillation for image-text retrieval")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("data", help="build the embedded data set (once) and print its splits")
+    p.add_argument("--root", help="where to write it (default: $DCD_HOME/data/synthetic-v1)")
+
+    p = sub.add_parser("teacher", help="train (once) and evaluate the embedded teacher")
+    p.add_argument("--teacher", default="meter", help="meter | vilt")
+    p.add_argument("--data", default="synthetic", choices=("synthetic",))
+    p.add_argument("--data-root")
+    p.add_argument("--device", default="cpu")
+
+    p = sub.add_parser("distill", help="data -> teacher -> baseline / DCD students -> recall and speed table",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _distill_options(p)
+
+    p = sub.add_parser("eval", help="Recall@K of a saved student, a teacher checkpoint or the embedded teacher")
+    p.add_argument("model", help="student directory (save_pretrained), or teacher:<family>[:<checkpoint>]")
+    p.add_argument("--data", default="synthetic")
+    p.add_argument("--data-root")
+    p.add_argument("--split", default="test")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--rerank", help="second-stage model (same syntax) re-ranking the top --k of the first")
+    p.add_argument("--k", type=int, default=16)
+    return parser
+
+
+def _init_distributed(device: str) -> str:
+    """Under torchrun: join the process group; each rank gets its own CUDA device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    import torch
+    import torch.distributed as dist
+
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    if device.startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return f"cuda:{local}"
+    return device
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+
+
+def _load_model(spec: str, data: str, data_root: Optional[str], device: str):
+    import students
+    import teachers
+
+    if not spec.startswith("teacher:"):
+        return students.load_student(spec).to(device)
+    family, _, checkpoint = spec[len("teacher:"):].partition(":")
+    if checkpoint:
+        return teachers.create_teacher(family, checkpoint=checkpoint).to(device)
+    from .data import load_split
+    from .teacher_training import embedded_teacher
+
+    model, _ = embedded_teacher(family, load_split(data, data_root, split="train"), device=device)
+    return teachers.as_teacher(model)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.command == "data":
+        from .data import build_synthetic, load_split
+
+        path = build_synthetic(args.root)
+        for split in ("train", "val", "test"):
+            print(load_split(str(path), split=split).summary())
+        print(f"written: {path}")
+        return 0
+
+    _check_device(args.device)
+    if args.command == "teacher":
+        from .data import load_split
+        from .teacher_training import embedded_teacher
+
+        from .retrieval import evaluate
+
+        test = load_split(args.data, args.data_root, split="test")
+        model, info = embedded_teacher(args.teacher, load_split(args.data, args.data_root, split="train"),
+                                       device=args.device, evaluate_on=test)
+        if test.name not in info:  # reused from an earlier run: measure it now
+            info[test.name] = evaluate(model, test, device=args.device)
+        print(json.dumps(info, indent=1))
+        return 0
+
+    if args.command == "eval":
+        from .data import load_split
+        from .retrieval import evaluate, evaluate_rerank
+
+        split = load_split(args.data, args.data_root, split=args.split)
+        model = _load_model(args.model, args.data, args.data_root, args.device)
+        if args.rerank:
+            second = _load_model(args.rerank, args.data, args.data_root, args.device)
+            metrics = evaluate_rerank(model, second, split, k=args.k, device=args.device)
+        else:
+            metrics = evaluate(model, split, device=args.device)
+        print(json.dumps(metrics, indent=1))
+        return 0
+
+    from .pipeline import DistillSettings, run_distill
+
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "verbose")}
+    options["directions"] = tuple(x.strip() for x in options["directions"].split(",") if x.strip())
+    options["device"] = _init_distributed(options["device"])
+    run_distill(DistillSettings(**options))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""The end-to-end job behind ``dcd distill`` / ``make distill``: data -> teacher -> students -> report.
+
+With no data and no checkpoint it runs the embedded default: the generated compositional set, a small
+teacher trained on it once (:mod:`dcd.teacher_training`) and reused, then -- with the same training
+budget -- a dual student trained without a teacher (the baseline), a dual student trained with DCD
+and a DCD fusion student (the re-ranker). With real data and an official checkpoint the same stages
+run at the reference hyper-parameters. Every stage writes into the run folder and a finished stage is
+reused, an interrupted one resumes from its last checkpoint, so re-running the command continues.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+import students
+import teachers
+from teachers.base import Scorer
+
+from . import retrieval
+from .data import CaptionSplit, load_split
+from .distiller import DCDConfig, Distiller
+from .report import plot_training_curves, results_table
+from .teacher_training import embedded_teacher
+from .trainer import TrainConfig, is_main_process
+
+log = logging.getLogger(__name__)
+
+STUDENT_DIR = "student"
+
+
+# ---------------------------------------------------------------------------------------------- settings
+@dataclass
+class Budget:
+    """How long each student trains: the same for the baseline and the DCD student."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    max_steps: Optional[int] = None
+    warmup: float = 0.05
+
+
+#: the embedded default: ~15 minutes for the whole job on 2 CPU cores
+EMBEDDED_BUDGET = Budget(epochs=2, batch_size=32, lr=3e-4, max_steps=100)
+#: embedded default's candidate sets: 7 teacher-scored negatives, 3 kept (the reference: 15 and 7)
+EMBEDDED_NEGATIVES, EMBEDDED_HARD = 7, 3
+#: real data: the reference's fine-tuning regime (dcd_paper.md §4)
+REFERENCE_BUDGET = Budget(epochs=10, batch_size=32, lr=1e-4)
+REFERENCE_NEGATIVES = {"coco": 15, "flickr30k": 63}
+
+
+@dataclass
+class DistillSettings:
+    """Everything ``dcd distill`` needs; CLI flags and Makefile variables map onto these fields."""
+
+    teacher: str = "meter"
+    data: str = "synthetic"  # synthetic | coco | flickr30k | path to a Karpathy / COCO json
+    data_root: Optional[str] = None
+    teacher_checkpoint: Optional[str] = None
+    student_checkpoint: Optional[str] = None  # a save_pretrained dual student to start from
+    out: Optional[str] = None
+    device: str = "cpu"
+    epochs: Optional[int] = None
+    max_steps: Optional[int] = None
+    batch_size: Optional[int] = None
+    lr: Optional[float] = None
+    num_negatives: Optional[int] = None
+    num_hard: Optional[int] = None
+    negatives: str = "random"
+    directions: Tuple[str, ...] = ("i2t", "t2i")
+    distill_loss: str = "kl"
+    self_loss: str = "ce"
+    alpha: float = 0.2
+    alpha_schedule: str = "constant"
+    alpha_end: Optional[float] = None
+    dynamic: bool = True
+    score_cache: bool = True
+    fusion: bool = True  # also distil the fusion student and report the re-rank pipeline
+    baseline: bool = True
+    rerank_k: int = 16
+    eval_split: str = "test"
+    precision: str = "auto"
+    num_workers: int = 0
+    seed: int = 0
+    progress: bool = True
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def embedded(self) -> bool:
+        return self.data == "synthetic" and self.teacher_checkpoint is None
+
+    def run_dir(self) -> Path:
+        if self.out:
+            return Path(self.out)
+        name = Path(self.data).stem if self.data.endswith(".json") else self.data
+        return Path("runs") / f"{self.teacher}-{name}"
+
+    def budget(self) -> Budget:
+        base = EMBEDDED_BUDGET if self.data == "synthetic" else REFERENCE_BUDGET
+        chosen = {k: v for k, v in (("epochs", self.epochs), ("batch_size", self.batch_size), ("lr", self.lr),
+                                    ("max_steps", self.max_steps)) if v is not None}
+        return replace(base, **chosen)
+
+    def dcd_config(self, use_teacher: bool = True) -> DCDConfig:
+        embedded = self.data == "synthetic"
+        negatives = self.num_negatives or (EMBEDDED_NEGATIVES if embedded else REFERENCE_NEGATIVES.get(self.data, 15))
+        hard = self.num_hard or (EMBEDDED_HARD if embedded else 7)
+        return DCDConfig(
+            num_negatives=negatives, num_hard=min(hard, negatives), negatives=self.negatives,
+            directions=tuple(self.directions), distill_loss=self.distill_loss, self_loss=self.self_loss,
+            alpha=self.alpha, alpha_schedule=self.alpha_schedule, alpha_end=self.alpha_end, dynamic=self.dynamic,
+            use_teacher=use_teacher,
+        )
+
+
+# ---------------------------------------------------------------------------------------------- stages
+def load_data(settings: DistillSettings) -> Dict[str, CaptionSplit]:
+    """Train / val / evaluation splits of the chosen data set (the embedded one is built on first use)."""
+    names = {"train": "train", "val": "val", "eval": settings.eval_split}
+    return {role: load_split(settings.data, settings.data_root, split=name) for role, name in names.items()}
+
+
+def load_teacher(settings: DistillSettings, splits: Dict[str, CaptionSplit]) -> Tuple[Scorer, Dict[str, Any]]:
+    """The official / user checkpoint, or the embedded default's teacher (trained once, then reused)."""
+    if settings.teacher_checkpoint:
+        model = teachers.create_model(settings.teacher, checkpoint=settings.teacher_checkpoint)
+        return model, {"source": settings.teacher_checkpoint}
+    if settings.data != "synthetic":
+        raise ValueError(f"--data {settings.data} needs --teacher-checkpoint (the fine-tuned {settings.teacher} "
+                         "retrieval checkpoint); only the embedded data set has a teacher dcd can train itself")
+    return embedded_teacher(settings.teacher, splits["train"], device=settings.device, progress=settings.progress)
+
+
+def build_dual(settings: DistillSettings, teacher: Scorer) -> Scorer:
+    """The dual student: from a checkpoint, the teacher's own towers (METER, real data) or the tiny preset."""
+    torch.manual_seed(settings.seed)
+    if settings.student_checkpoint:
+        return students.load_student(settings.student_checkpoint)
+    if settings.data != "synthetic" and teacher.family == "meter":
+        return students.create_student("dual", teacher=teacher)
+    return students.create_student("dual_tiny", text_layers=2)  # the packaged MiniLM's first 2 layers
+
+
+def train_student(name: str, student: Scorer, teacher: Optional[Scorer], settings: DistillSettings,
+                  splits: Dict[str, CaptionSplit], run_dir: Path, cache=None) -> Tuple[Scorer, Dict[str, Any]]:
+    """Train (or resume, or reuse) one student in ``run_dir/name``; returns it and its training summary."""
+    out = run_dir / name
+    saved = out / STUDENT_DIR
+    summary_path = out / "summary.json"
+    if summary_path.is_file() and (saved / "config.json").is_file():
+        log.info("%s: reusing the finished student in %s", name, saved)
+        return students.load_student(saved).to(settings.device), json.loads(summary_path.read_text())
+    budget = settings.budget()
+    dcd_config = settings.dcd_config(use_teacher=teacher is not None)
+    train = splits["train"]
+    distiller = Distiller(teacher, student, dcd_config, train.captions, train.caption_image_tensor(),
+                          score_cache=cache if teacher is not None else None)
+    config = TrainConfig(
+        epochs=budget.epochs, batch_size=budget.batch_size, lr=budget.lr, max_steps=budget.max_steps,
+        warmup=budget.warmup, precision=settings.precision, seed=settings.seed, num_workers=settings.num_workers,
+        device=settings.device, progress=settings.progress, desc=name, save_every=25, log_every=5,
+    )
+    val = splits["val"]
+
+    def validate(module: Distiller) -> Dict[str, float]:
+        return retrieval.evaluate(module.student, val, device=settings.device, progress=False)
+
+    # a dual student validates in a second; a cross-encoder would cost minutes per epoch here
+    validate_each_epoch = validate if getattr(student, "family", "") == "dual" else None
+
+    started = time.time()
+    history = distiller.fit(train, out, config, evaluate=validate_each_epoch, resume=True)
+    summary = {
+        "name": name, "teacher": teacher is not None, "train_seconds": round(time.time() - started, 1),
+        "steps": max([r["step"] for r in history] or [0]), "budget": asdict(budget), "dcd": dcd_config.to_dict(),
+    }
+    if is_main_process():
+        student.save_pretrained(saved)
+        summary_path.write_text(json.dumps(summary, indent=1))
+    return student, summary
+
+
+def teacher_score_cache(teacher: Scorer, settings: DistillSettings, train: CaptionSplit, run_dir: Path):
+    """Precompute the teacher's scores on fixed random pools once (:class:`~dcd.score_cache.TeacherScoreCache`)."""
+    if not settings.score_cache or settings.negatives != "random" or "i2t" not in settings.directions:
+        return None
+    from .score_cache import TeacherScoreCache
+
+    negatives = settings.dcd_config().num_negatives
+    return TeacherScoreCache.build(teacher, train, run_dir / "teacher_scores", pool_size=2 * negatives,
+                                   seed=settings.seed, device=settings.device, progress=settings.progress)
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+def evaluate_models(models: Dict[str, Scorer], teacher: Scorer, split: CaptionSplit, settings: DistillSettings,
+                    rerankers: Dict[str, Scorer]) -> List[Dict[str, Any]]:
+    """Recall and retrieval time of every model, then of the retrieve-then-rerank pipelines."""
+    rows = []
+    for name, model in {"teacher": teacher, **models}.items():
+        metrics = retrieval.evaluate(model, split, device=settings.device, progress=settings.progress)
+        rows.append({"model": name, **metrics, "seconds": metrics["elapsed_s"]})
+        log.info("%s: RSUM %.1f in %.1f s", name, metrics["rsum"], metrics["elapsed_s"])
+    first = models.get("dcd dual") or models.get("baseline dual")
+    for name, second in rerankers.items():
+        metrics = retrieval.evaluate_rerank(first, second, split, k=settings.rerank_k, device=settings.device,
+                                            progress=settings.progress)
+        rows.append({"model": f"dual top-{settings.rerank_k} -> {name}", **metrics, "seconds": metrics["elapsed_s"]})
+    teacher_seconds = rows[0]["seconds"]
+    for row in rows:
+        row["speedup"] = teacher_seconds / row["seconds"] if row["seconds"] > 0 else None
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- the job
+def run_distill(settings: DistillSettings) -> Dict[str, Any]:
+    """The whole job; returns (and writes to ``run_dir/results.json``) every figure it printed."""
+    run_dir = settings.run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    splits = load_data(settings)
+    log.info("data: %s", ", ".join(s.summary() for s in splits.values()))
+    teacher_model, teacher_info = load_teacher(settings, splits)
+    teacher = teachers.as_teacher(teacher_model).to(settings.device)
+    cache = teacher_score_cache(teacher, settings, splits["train"], run_dir)
+
+    trained: Dict[str, Scorer] = {}
+    summaries: Dict[str, Any] = {}
+    if settings.baseline:
+        trained["baseline dual"], summaries["baseline"] = train_student(
+            "baseline", build_dual(settings, teacher), None, settings, splits, run_dir)
+    trained["dcd dual"], summaries["dcd"] = train_student(
+        "dcd", build_dual(settings, teacher), teacher, settings, splits, run_dir, cache)
+    rerankers: Dict[str, Scorer] = {}
+    if settings.fusion:
+        fusion = students.create_student("fusion", teacher=teacher_model)
+        trained["dcd fusion"], summaries["fusion"] = train_student("fusion", fusion, teacher, settings, splits,
+                                                                   run_dir, cache)
+        rerankers["dcd fusion"] = trained["dcd fusion"]
+    rerankers["teacher"] = teacher
+
+    rows = evaluate_models(trained, teacher, splits["eval"], settings, rerankers)
+    title = (f"{settings.teacher} teacher on {splits['eval'].name} ({splits['eval'].num_images} images x "
+             f"{splits['eval'].num_captions} captions, {settings.device})")
+    table = results_table(rows, title)
+    curves = plot_training_curves({k: run_dir / k for k in summaries}, run_dir / "training_curves.png")
+    results = {
+        "settings": asdict(settings), "teacher": teacher_info, "training": summaries, "results": rows,
+        "eval_split": splits["eval"].name, "total_seconds": round(time.time() - started, 1),
+        "curves": str(curves) if curves else None,
+    }
+    if is_main_process():
+        (run_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
+        (run_dir / "results.txt").write_text(table + "\n")
+        print("\n" + table)
+        print(f"\nwritten: {run_dir}/results.json, results.txt, training_curves.png; students in "
+              f"{run_dir}/*/{STUDENT_DIR}/ ({results['total_seconds']:.0f} s)")
+    return results

@@ -1,0 +1,64 @@
+"""Human-readable results: the comparison table printed by ``dcd distill`` and the training-curve plot."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+METRIC_COLUMNS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
+HEADERS = ("i2t R@1", "R@5", "R@10", "t2i R@1", "R@5", "R@10", "RSUM")
+
+
+def results_table(rows: Sequence[Dict], title: str = "") -> str:
+    """Rows of ``{"model": str, <metric columns>, "seconds": float, "speedup": float}`` -> aligned text."""
+    name_width = max([len("model")] + [len(r["model"]) for r in rows])
+    head = f"{'model':<{name_width}} " + " ".join(f"{h:>7}" for h in HEADERS) + f" {'time (s)':>9} {'speed-up':>9}"
+    lines = [title, head, "-" * len(head)] if title else [head, "-" * len(head)]
+    for r in rows:
+        cells = " ".join(f"{r[c]:7.1f}" for c in METRIC_COLUMNS)
+        speed = f"{r['speedup']:8.1f}x" if r.get("speedup") else f"{'':>9}"
+        lines.append(f"{r['model']:<{name_width}} {cells} {r['seconds']:9.2f} {speed}")
+    return "\n".join(lines)
+
+
+def read_metrics(path: Path) -> List[Dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_training_curves(runs: Dict[str, Path], out_png: Path, keys: Sequence[str] = ("loss", "self", "distill")) -> Path | None:
+    """One panel per loss term (step on x) and one for the per-epoch validation RSUM, for every run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    logs = {name: read_metrics(Path(d) / "metrics.jsonl") for name, d in runs.items()}
+    logs = {k: v for k, v in logs.items() if v}
+    if not logs:
+        return None
+    panels = [k for k in keys if any(k in r for rec in logs.values() for r in rec)] + ["val RSUM"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+    axes = [axes] if len(panels) == 1 else list(axes)
+    for ax, key in zip(axes, panels):
+        for name, records in logs.items():
+            if key == "val RSUM":
+                points = [(r["epoch"], r["eval"]["rsum"]) for r in records if "eval" in r and "rsum" in r["eval"]]
+                ax.set_xlabel("epoch")
+            else:
+                points = [(r["step"], r[key]) for r in records if key in r]
+                ax.set_xlabel("step")
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, marker="o" if key == "val RSUM" else None, label=name)
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png

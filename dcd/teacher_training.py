@@ -1,0 +1,156 @@
+"""Training the embedded default's teacher: a small cross-encoder fine-tuned for retrieval on the set.
+
+Offline there are no pretrained METER / ViLT weights, and a cross-encoder trained from scratch with
+random negatives alone stays at chance: random pairs are told apart by words, never by bindings, and
+nothing teaches its towers to see. The recipe is METER's fine-tuning objective plus ALBEF's remedy:
+
+* an image-text contrastive loss (ITC) on the pooled unimodal features (small projection heads used
+  only here), which trains the towers quickly;
+* the retrieval ranking loss on the fusion head: softmax cross-entropy over the positive and K
+  negatives per sample, both directions, the negatives drawn from the batch in proportion to the
+  ITC similarity (hard ones, as ALBEF samples its ITM negatives).
+
+The trained model is saved with ``save_pretrained`` (safetensors + config) under
+``$DCD_HOME/teachers/<family>-<data set>/`` with its recall, and reused on the next run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import teachers
+from teachers.base import Features, Scorer
+
+from . import retrieval
+from .data import CaptionSplit, TrainPairs, collate_train, dcd_home
+from .losses import contrastive_loss, self_loss
+from .trainer import TrainConfig, Trainer, is_main_process
+
+log = logging.getLogger(__name__)
+
+#: from-scratch training breaks the symmetry of near-uniform attention far sooner with a wider init
+#: (BERT's 0.02 is meant for width 768) and no dropout: measured, the ranking loss leaves chance
+#: within 10 steps instead of not at all in 200
+SCRATCH_OVERRIDES = {"initializer_range": 0.1, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+
+#: embedded teacher per family: registry preset, config overrides, training budget
+EMBEDDED_TEACHERS: Dict[str, Dict[str, Any]] = {
+    "meter": {"preset": "tiny", "overrides": SCRATCH_OVERRIDES, "epochs": 1, "max_steps": 200, "lr": 3e-4},
+    "vilt": {"preset": "tiny", "overrides": {"initializer_range": 0.1, "hidden_dropout_prob": 0.0,
+                                             "attention_probs_dropout_prob": 0.0},
+             "epochs": 1, "max_steps": 200, "lr": 3e-4},
+}
+
+
+def pooled(features: Features) -> Tensor:
+    """Mean of a feature set's tokens over its mask: the unimodal summary the ITC heads read."""
+    tokens = features["tokens"]
+    mask = features.get("mask")
+    if mask is None:
+        return tokens.mean(1)
+    mask = mask.to(tokens.dtype).unsqueeze(-1)
+    return (tokens * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+class RetrievalFinetuning(nn.Module):
+    """``forward(batch) -> {"loss", "itc", "rank"}`` for a cross-encoder ``model`` (a :class:`Scorer`)."""
+
+    def __init__(self, model: Scorer, width: int, num_negatives: int = 3, embed_dim: int = 128):
+        super().__init__()
+        self.model = model
+        self.num_negatives = num_negatives
+        self.image_head = nn.Linear(width, embed_dim)
+        self.text_head = nn.Linear(width, embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(2.659))  # log(1 / 0.07)
+
+    def forward(self, batch: Dict[str, Any]) -> Dict[str, Tensor]:
+        image_index = batch["image_index"]
+        img = self.model.encode_images(batch["images"]["model"])
+        txt = self.model.encode_texts(batch["texts"]["model"])
+        zi = F.normalize(self.image_head(pooled(img)), dim=-1)
+        zt = F.normalize(self.text_head(pooled(txt)), dim=-1)
+        scale = self.logit_scale.clamp(0, 4.6052).exp()
+        itc = contrastive_loss(zi, zt, scale, image_index).mean()
+
+        with torch.no_grad():  # hard negatives in proportion to the ITC similarity, never the same image
+            other = image_index[:, None] != image_index[None, :]
+            k = min(self.num_negatives, int(other.sum(1).min()))
+            sim = (zi @ zt.t()).float() * scale.detach()
+            weights_i2t = torch.softmax(sim.masked_fill(~other, float("-inf")), dim=1)
+            weights_t2i = torch.softmax(sim.t().masked_fill(~other, float("-inf")), dim=1)
+            neg_texts = torch.multinomial(weights_i2t, k)
+            neg_images = torch.multinomial(weights_t2i, k)
+        rows = torch.arange(len(image_index), device=image_index.device)[:, None]
+        texts_i2t = torch.cat([rows, neg_texts], dim=1)
+        images_t2i = torch.cat([rows, neg_images], dim=1)
+        i2t = self.model.score_index_pairs(img, txt, rows.expand_as(texts_i2t).reshape(-1), texts_i2t.reshape(-1))
+        t2i = self.model.score_index_pairs(img, txt, images_t2i.reshape(-1), rows.expand_as(images_t2i).reshape(-1))
+        rank = 0.5 * (self_loss(i2t.view(texts_i2t.shape), "ce").mean() + self_loss(t2i.view(images_t2i.shape), "ce").mean())
+        return {"loss": itc + rank, "itc": itc.detach(), "rank": rank.detach()}
+
+
+def feature_width(model: Scorer) -> int:
+    """Width of the model's unimodal token features (what :func:`pooled` returns)."""
+    config = model.config
+    for name in ("hidden_size",):
+        if hasattr(config, name):
+            return int(getattr(config, name))
+    raise ValueError(f"cannot tell the feature width of {type(model).__name__}")
+
+
+def finetune_teacher(model: Scorer, train: CaptionSplit, val: Optional[CaptionSplit], out_dir: Path,
+                     epochs: int = 4, lr: float = 3e-4, batch_size: int = 32, device: str = "cpu",
+                     progress: bool = True, seed: int = 0, max_steps: Optional[int] = None) -> Dict[str, Any]:
+    """Fine-tune ``model`` for retrieval on ``train`` (resumable in ``out_dir``); returns the history."""
+    task = RetrievalFinetuning(model, feature_width(model))
+    dataset = TrainPairs(train, {"model": model.image_transform(train=True)})
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, warmup=0.05, device=device, seed=seed,
+                         progress=progress, desc="teacher", save_every=50, log_every=10, max_steps=max_steps)
+
+    def validate(module: RetrievalFinetuning) -> Dict[str, float]:
+        return retrieval.evaluate(module.model, val, device=device, progress=False)
+
+    trainer = Trainer(task, dataset, collate_train({"model": model}), config, out_dir,
+                      evaluate=validate if val is not None else None)
+    return trainer.fit(resume=True)
+
+
+def teacher_dir(family: str, train: CaptionSplit) -> Path:
+    """Where the embedded teacher of ``family`` for this data set lives (one per data set build)."""
+    source = Path(str(train.source))
+    return dcd_home() / "teachers" / f"{family}-{source.parent.name}"
+
+
+def embedded_teacher(family: str, train: CaptionSplit, device: str = "cpu", progress: bool = True,
+                     evaluate_on: Optional[CaptionSplit] = None) -> Tuple[Scorer, Dict[str, Any]]:
+    """The embedded default's teacher of ``family``: trained once, then loaded from disk."""
+    if family not in EMBEDDED_TEACHERS:
+        raise ValueError(f"no embedded recipe for teacher {family!r}; known: {sorted(EMBEDDED_TEACHERS)} "
+                         "(bring a checkpoint with --teacher-checkpoint)")
+    recipe = EMBEDDED_TEACHERS[family]
+    directory = teacher_dir(family, train)
+    weights, info_path = directory / "model", directory / "teacher.json"
+    if info_path.is_file():
+        log.info("teacher: reusing %s", weights)
+        model = teachers.create_model(family, checkpoint=weights)
+        return model.to(device), json.loads(info_path.read_text())
+    torch.manual_seed(0)
+    model = teachers.create_model(family, preset=recipe["preset"], **recipe["overrides"])
+    started = time.time()
+    finetune_teacher(model, train, None, directory / "training", epochs=recipe["epochs"], lr=recipe["lr"],
+                     max_steps=recipe["max_steps"], device=device, progress=progress)
+    info: Dict[str, Any] = {"family": family, "preset": recipe["preset"], "train_seconds": round(time.time() - started, 1),
+                            "steps": recipe["max_steps"], "lr": recipe["lr"], "path": str(weights)}
+    if evaluate_on is not None:
+        info[evaluate_on.name] = retrieval.evaluate(model, evaluate_on, device=device, progress=False)
+    if is_main_process():
+        model.save_pretrained(weights)
+        info_path.write_text(json.dumps(info, indent=1))
+    return model.to(device), info

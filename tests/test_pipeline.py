@@ -1,0 +1,73 @@
+"""End to end: the embedded teacher recipe, `dcd distill` on a real-data-shaped fixture, the CLI."""
+import json
+
+import pytest
+import torch
+
+from dcd import cli, teacher_training
+from dcd.data import build_synthetic, load_karpathy
+from dcd.pipeline import DistillSettings, load_teacher
+from teachers.meter import meter_test
+
+
+@pytest.fixture(scope="module")
+def fixture_json(tmp_path_factory):
+    return build_synthetic(tmp_path_factory.mktemp("data"), sizes=(24, 4, 4), image_size=32)
+
+
+def test_teacher_finetuning_trains_and_is_reused(fixture_json, tmp_path, monkeypatch):
+    monkeypatch.setenv("DCD_HOME", str(tmp_path / "home"))
+    monkeypatch.setitem(teacher_training.EMBEDDED_TEACHERS, "meter",
+                        {"preset": "test", "overrides": teacher_training.SCRATCH_OVERRIDES, "epochs": 1,
+                         "max_steps": 3, "lr": 1e-3})
+    train = load_karpathy(fixture_json, split="train")
+    model, info = teacher_training.embedded_teacher("meter", train, progress=False)
+    records = [json.loads(line) for line in (teacher_training.teacher_dir("meter", train) / "training" / "metrics.jsonl")
+               .read_text().splitlines()]
+    assert records[-1]["step"] == 3 and {"itc", "rank"} <= set(records[-1])
+    assert info["steps"] == 3 and (tmp_path / "home" / "teachers").is_dir()
+    again, info2 = teacher_training.embedded_teacher("meter", train, progress=False)
+    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert info2 == info
+    with pytest.raises(ValueError, match="no embedded recipe"):
+        teacher_training.embedded_teacher("blip", train)
+
+
+@pytest.mark.slow
+def test_distill_end_to_end_on_a_fixture_with_a_checkpoint(fixture_json, tmp_path, capsys):
+    teacher_dir = tmp_path / "teacher"
+    meter_test().save_pretrained(teacher_dir)
+    out = tmp_path / "run"
+    cli.main(["distill", "--teacher", "meter", "--teacher-checkpoint", str(teacher_dir), "--data", str(fixture_json),
+              "--eval-split", "test", "--out", str(out), "--max-steps", "2", "--batch-size", "8", "--epochs", "1",
+              "--num-negatives", "4", "--num-hard", "2", "--rerank-k", "3"])
+    printed = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    names = [row["model"] for row in results["results"]]
+    assert names == ["teacher", "baseline dual", "dcd dual", "dcd fusion", "dual top-3 -> dcd fusion",
+                     "dual top-3 -> teacher"]
+    for row in results["results"]:
+        assert 0 <= row["i2t_r1"] <= 100 and row["seconds"] > 0 and row["model"] in printed
+    assert results["training"]["dcd"]["steps"] == 2 and results["training"]["baseline"]["dcd"]["use_teacher"] is False
+    for stage in ("baseline", "dcd", "fusion"):
+        assert (out / stage / "student" / "config.json").is_file()
+        assert (out / stage / "checkpoint.pt").is_file()
+    # a second run reuses every finished stage
+    cli.main(["distill", "--teacher", "meter", "--teacher-checkpoint", str(teacher_dir), "--data", str(fixture_json),
+              "--out", str(out), "--max-steps", "2", "--batch-size", "8", "--num-negatives", "4", "--num-hard", "2",
+              "--rerank-k", "3"])
+    assert json.loads((out / "results.json").read_text())["training"] == results["training"]
+
+
+def test_cli_help_and_errors(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["distill", "--help"])
+    text = capsys.readouterr().out
+    for option in ("--teacher-checkpoint", "--data-root", "--num-negatives", "--alpha-schedule", "--max-steps"):
+        assert option in text
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="CUDA is not available"):
+            cli.main(["distill", "--device", "cuda"])
+    with pytest.raises(ValueError, match="needs --teacher-checkpoint"):
+        load_teacher(DistillSettings(data="coco"), {})
