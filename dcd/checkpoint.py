@@ -8,33 +8,16 @@ then renamed over the old one (``os.replace`` is atomic on POSIX), and it is loa
 """
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any, Dict
 
 import numpy as np
 import torch
 
+from teachers.base import atomic_write
+
 CHECKPOINT_NAME = "checkpoint.pt"
-
-
-def atomic_write(path: Path, write_fn) -> None:
-    """Call ``write_fn(tmp_path)`` then rename the temporary file over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def rng_state() -> Dict[str, Any]:

@@ -19,6 +19,10 @@ compose the two and are what callers use.
 """
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
+
 from typing import Callable, Dict, List, Sequence
 
 import torch
@@ -69,6 +73,26 @@ def pad_images(images: List[Tensor]) -> Inputs:
 
 def to_device(inputs: Dict[str, Tensor], device: torch.device | str) -> Dict[str, Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+
+
+def atomic_write(path: str | Path, write_fn: Callable[[str], None]) -> None:
+    """``write_fn(tmp)`` into a temporary file next to ``path``, fsync, then ``os.replace`` it over ``path``.
+
+    A crash at any moment leaves either the old file or the new one, never a torn one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 class Scorer(nn.Module):

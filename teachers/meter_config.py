@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Tuple
+
+from .base import atomic_write
 
 __all__ = ["CLIP_MEAN", "CLIP_STD", "CONFIG_NAME", "METERConfig", "ROBERTA_BASE", "PRESETS", "atomic_write"]
 
@@ -194,18 +194,3 @@ PRESETS = {
 }
 
 
-def atomic_write(path: Path, write_fn) -> None:
-    """``write_fn(tmp)`` into a temporary file next to ``path``, fsync, then ``os.replace`` it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
