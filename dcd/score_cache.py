@@ -84,8 +84,13 @@ class TeacherScoreCache:
 
     @classmethod
     def build(cls, teacher, split, directory: str | Path, pool_size: int = 63, seed: int = 0, batch_size: int = 32,
-              device: str | torch.device = "cpu", progress: bool = True) -> "TeacherScoreCache":
-        """Score every image's pool and every positive pair with ``teacher``; reuse a matching cache."""
+              device: str | torch.device = "cpu", progress: bool = True,
+              text_memory_bytes: int = 1 << 30) -> "TeacherScoreCache":
+        """Score every image's pool and every positive pair with ``teacher``; reuse a matching cache.
+
+        ``text_memory_bytes``: how much caption text-feature memory to keep so that a caption met in several
+        pools is encoded once (past it, captions are re-encoded per batch: same scores, more time).
+        """
         from dcd.candidates import random_captions
         from dcd.data import EvalImages
 
@@ -115,6 +120,7 @@ class TeacherScoreCache:
                                                  shape=(split.num_captions,))
             images = EvalImages(split, teacher.image_transform(False))
             own = split.image_to_captions()
+            memo = _TextMemo(teacher, split, device, text_memory_bytes)
             bar = tqdm(total=split.num_images, desc="teacher score cache", disable=not progress, unit="img")
             with torch.inference_mode():
                 for start in range(0, split.num_images, batch_size):
@@ -122,7 +128,7 @@ class TeacherScoreCache:
                     pixels = teacher.collate_images([images[i] for i in rows])
                     image_features = teacher.encode_images(to_device(pixels, device))
                     pool_scores, own_captions, own_scores = _score_rows(
-                        teacher, split, image_features, rows, pool, own, device)
+                        teacher, split, image_features, rows, pool, own, device, memo)
                     scores[start:start + len(rows)] = pool_scores
                     positive[own_captions] = own_scores
                     bar.update(len(rows))
@@ -154,14 +160,43 @@ class TeacherScoreCache:
         return candidates.to(image_index.device), logits.to(image_index.device)
 
 
-def _score_rows(teacher, split, image_features, rows, pool, own, device):
-    """Teacher logits of ``rows``' pool captions [rows, pool] and of their own captions (one text encoding each)."""
+class _TextMemo:
+    """Teacher text features per caption, encoded once and kept while they fit in ``budget_bytes``.
+
+    Random pools put ~``pool_size`` distinct captions in every image batch, so encoding per batch would
+    run the text tower ``pool_size`` times per caption (with the MiniLM text tower of the embedded
+    METER that tripled the build time); past the budget (COCO-size splits) captions are re-encoded.
+    """
+
+    def __init__(self, teacher, split, device, budget_bytes: int = 1 << 30, chunk: int = 256):
+        self.teacher, self.split, self.device, self.chunk = teacher, split, device, chunk
+        self.budget, self.used = budget_bytes, 0
+        self.rows: Dict[int, Dict[str, Tensor]] = {}
+
+    def features(self, captions):
+        """Text features of ``captions`` (indices), in that order."""
+        todo = [c for c in captions if c not in self.rows]
+        fresh: Dict[int, Dict[str, Tensor]] = {}
+        for i in range(0, len(todo), self.chunk):
+            part = todo[i:i + self.chunk]
+            tokens = self.teacher.tokenize([self.split.captions[c] for c in part])
+            encoded = self.teacher.encode_texts(to_device(tokens, self.device))
+            for j, c in enumerate(part):
+                fresh[c] = {k: v[j:j + 1] for k, v in encoded.items()}
+        for c, row in fresh.items():
+            size = sum(v.numel() * v.element_size() for v in row.values())
+            if self.used + size > self.budget:
+                break
+            self.rows[c] = {k: v.clone() for k, v in row.items()}  # not a view pinning the whole chunk
+            self.used += size
+        return concat([self.rows[c] if c in self.rows else fresh[c] for c in captions])
+
+
+def _score_rows(teacher, split, image_features, rows, pool, own, device, memo: _TextMemo):
+    """Teacher logits of ``rows``' pool captions [rows, pool] and of their own captions."""
     captions = sorted({int(c) for r in rows for c in pool[r].tolist()} | {c for r in rows for c in own[r]})
     position = {c: i for i, c in enumerate(captions)}
-    text_features = concat([
-        teacher.encode_texts(to_device(teacher.tokenize([split.captions[c] for c in captions[i:i + 256]]), device))
-        for i in range(0, len(captions), 256)
-    ])
+    text_features = memo.features(captions)
     pool_rows = pool[rows]
     image_rows = torch.arange(len(rows))[:, None].expand_as(pool_rows).reshape(-1)
     text_rows = torch.tensor([position[int(c)] for c in pool_rows.reshape(-1).tolist()])

@@ -2,6 +2,7 @@
 import math
 
 import pytest
+import numpy as np
 import torch
 
 import dcd
@@ -215,6 +216,11 @@ def test_score_cache_matches_live_teacher_and_rejects_stale(tiny_split, tmp_path
     texts = teacher.tokenize([tiny_split.captions[int(c)] for c in (ids[0, 0], ids[0, 1], ids[1, 2])])
     live = teacher.score_pairs(pixels, texts)
     assert torch.allclose(live, torch.stack([logits[0, 0], logits[0, 1], logits[1, 2]]), atol=1e-4)
+    # with no memory for caption features (every caption re-encoded per batch) the scores are the same
+    reencoded = TeacherScoreCache.build(teacher, tiny_split, tmp_path / "reencoded", pool_size=6, batch_size=5,
+                                        progress=False, text_memory_bytes=0)
+    assert np.allclose(reencoded.scores, cache.scores, atol=1e-5)
+    assert np.allclose(reencoded.positive, cache.positive, atol=1e-5)
     # reused when it matches, refused when stale
     again = TeacherScoreCache.build(teacher, tiny_split, tmp_path / "cache", pool_size=6, progress=False)
     assert again.header == cache.header
