@@ -8,13 +8,13 @@ TEACHER      ?= meter
 DATA         ?= synthetic
 DATA_ROOT    ?=
 TEACHER_CKPT ?=
-STUDENT      ?= dual
+STUDENT      ?=
 OUT          ?=
 DEVICE       ?= cpu
 EPOCHS       ?=
 ARGS         ?=
 
-DISTILL_FLAGS = --teacher $(TEACHER) --data $(DATA) --student $(STUDENT) --device $(DEVICE) \
+DISTILL_FLAGS = --teacher $(TEACHER) --data $(DATA) $(if $(STUDENT),--student $(STUDENT)) --device $(DEVICE) \
 	$(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(if $(TEACHER_CKPT),--teacher-checkpoint $(TEACHER_CKPT)) \
 	$(if $(OUT),--out $(OUT)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(ARGS)
 

@@ -24,6 +24,8 @@ def _distill_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--teacher", default=d.teacher, help="teacher family: meter | vilt (or a registered plugin)")
     g.add_argument("--teacher-checkpoint", help="official .ckpt, hub id or save_pretrained directory "
                    "(default: the embedded teacher, trained once on the embedded data set)")
+    g.add_argument("--student", help="dual student preset from the registry (students.list_students()); default "
+                   "dual_tiny on the embedded set, the teacher's own towers ('dual') for METER on real data")
     g.add_argument("--student-checkpoint", help="start the dual student from this save_pretrained directory")
     g.add_argument("--data", default=d.data, help="synthetic (embedded default) | coco | flickr30k | path to a "
                    "Karpathy split or COCO caption json")
@@ -53,6 +55,9 @@ def _distill_options(p: argparse.ArgumentParser) -> None:
     m.add_argument("--distill-loss", default=d.distill_loss, choices=("kl", "mse"))
     m.add_argument("--self-loss", default=d.self_loss, choices=("ce", "bce"))
     m.add_argument("--alpha", type=float, default=d.alpha, help="distillation share of the loss")
+    m.add_argument("--temperature", type=float, default=d.temperature, help="KL distillation temperature")
+    m.add_argument("--entropy-temperature", type=float, default=d.entropy_temperature,
+                   help="T of the teacher distribution whose entropy sets the dynamic weights")
     m.add_argument("--alpha-schedule", default=d.alpha_schedule, choices=("constant", "linear", "cosine"))
     m.add_argument("--alpha-end", type=float, help="final alpha of a linear / cosine schedule")
     m.add_argument("--no-dynamic", dest="dynamic", action="store_false", help="uniform instead of entropy weights")
@@ -62,24 +67,25 @@ def _distill_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dcd", description="Dynamic Contrastive Distillation for image-text retrieval")
+    parser = argparse.ArgumentParser(prog="dcd", description="Dynamic Contrastive Distillation for image-text retrieval",
+                                     allow_abbrev=False)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("data", help="build the embedded data set (once) and print its splits")
+    p = sub.add_parser("data", allow_abbrev=False, help="build the embedded data set (once) and print its splits")
     p.add_argument("--root", help="where to write it (default: $DCD_HOME/data/synthetic-v1)")
 
-    p = sub.add_parser("teacher", help="train (once) and evaluate the embedded teacher")
+    p = sub.add_parser("teacher", allow_abbrev=False, help="train (once) and evaluate the embedded teacher")
     p.add_argument("--teacher", default="meter", help="meter | vilt")
     p.add_argument("--data", default="synthetic", choices=("synthetic",))
     p.add_argument("--data-root")
     p.add_argument("--device", default="cpu")
 
-    p = sub.add_parser("distill", help="data -> teacher -> baseline / DCD students -> recall and speed table",
+    p = sub.add_parser("distill", allow_abbrev=False, help="data -> teacher -> baseline / DCD students -> recall and speed table",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _distill_options(p)
 
-    p = sub.add_parser("eval", help="Recall@K of a saved student, a teacher checkpoint or the embedded teacher")
+    p = sub.add_parser("eval", allow_abbrev=False, help="Recall@K of a saved student, a teacher checkpoint or the embedded teacher")
     p.add_argument("model", help="student directory (save_pretrained), or teacher:<family>[:<checkpoint>]")
     p.add_argument("--data", default="synthetic")
     p.add_argument("--data-root")

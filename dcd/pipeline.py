@@ -63,6 +63,7 @@ class DistillSettings:
     data: str = "synthetic"  # synthetic | coco | flickr30k | path to a Karpathy / COCO json
     data_root: Optional[str] = None
     teacher_checkpoint: Optional[str] = None
+    student: Optional[str] = None  # dual student registry name; None: dual_tiny (embedded) / "dual" (METER, real data)
     student_checkpoint: Optional[str] = None  # a save_pretrained dual student to start from
     out: Optional[str] = None
     device: str = "cpu"
@@ -77,6 +78,8 @@ class DistillSettings:
     distill_loss: str = "kl"
     self_loss: str = "ce"
     alpha: float = 0.2
+    temperature: float = 1.0
+    entropy_temperature: float = 1.0
     alpha_schedule: str = "constant"
     alpha_end: Optional[float] = None
     dynamic: bool = True
@@ -114,7 +117,8 @@ class DistillSettings:
         return DCDConfig(
             num_negatives=negatives, num_hard=min(hard, negatives), negatives=self.negatives,
             directions=tuple(self.directions), distill_loss=self.distill_loss, self_loss=self.self_loss,
-            alpha=self.alpha, alpha_schedule=self.alpha_schedule, alpha_end=self.alpha_end, dynamic=self.dynamic,
+            alpha=self.alpha, temperature=self.temperature, entropy_temperature=self.entropy_temperature,
+            alpha_schedule=self.alpha_schedule, alpha_end=self.alpha_end, dynamic=self.dynamic,
             use_teacher=use_teacher,
         )
 
@@ -142,9 +146,14 @@ def build_dual(settings: DistillSettings, teacher: Scorer) -> Scorer:
     torch.manual_seed(settings.seed)
     if settings.student_checkpoint:
         return students.load_student(settings.student_checkpoint)
-    if settings.data != "synthetic" and teacher.family == "meter":
-        return students.create_student("dual", teacher=teacher)
-    return students.create_student("dual_tiny", text_layers=2)  # the packaged MiniLM's first 2 layers
+    name = settings.student or ("dual" if settings.data != "synthetic" and teacher.family == "meter" else "dual_tiny")
+    if name not in students.list_students():
+        raise ValueError(f"--student {name!r} is not a registered student; known: {', '.join(students.list_students())}")
+    if name == "dual_tiny":
+        return students.create_student("dual_tiny", text_layers=2)  # the packaged MiniLM's first 2 layers
+    if name == "dual" and teacher.family == "meter":
+        return students.create_student("dual", teacher=teacher)  # METER's own towers: pretrained offline
+    return students.create_student(name)
 
 
 def train_student(name: str, student: Scorer, teacher: Optional[Scorer], settings: DistillSettings,
