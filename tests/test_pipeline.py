@@ -6,7 +6,8 @@ import torch
 
 from dcd import cli, teacher_training
 from dcd.data import build_synthetic, load_karpathy
-from dcd.pipeline import DistillSettings, load_teacher
+from dcd.pipeline import DistillSettings, build_dual, load_teacher
+from teachers import as_teacher
 from teachers.meter import meter_test
 
 
@@ -30,6 +31,11 @@ def test_teacher_finetuning_trains_and_is_reused(fixture_json, tmp_path, monkeyp
     for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), name
     assert info2 == info
+    # a changed recipe is not served the old teacher: it retrains from scratch
+    monkeypatch.setitem(teacher_training.EMBEDDED_TEACHERS, "meter",
+                        {**teacher_training.EMBEDDED_TEACHERS["meter"], "max_steps": 2})
+    _, info3 = teacher_training.embedded_teacher("meter", train, progress=False)
+    assert info3["steps"] == 2
     with pytest.raises(ValueError, match="no embedded recipe"):
         teacher_training.embedded_teacher("blip", train)
 
@@ -71,3 +77,14 @@ def test_cli_help_and_errors(capsys):
             cli.main(["distill", "--device", "cuda"])
     with pytest.raises(ValueError, match="needs --teacher-checkpoint"):
         load_teacher(DistillSettings(data="coco"), {})
+
+
+def test_cli_student_option_is_not_taken_for_student_checkpoint(capsys):
+    """`make distill` passes --student; an abbreviation must never be read as --student-checkpoint."""
+    args = cli.build_parser().parse_args(["distill", "--student", "dual_tiny"])
+    assert args.student == "dual_tiny" and args.student_checkpoint is None
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["distill", "--student-check", "x"])
+    assert "unrecognized arguments: --student-check" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--student 'nope' is not a registered student"):
+        build_dual(DistillSettings(student="nope"), as_teacher(meter_test()))

@@ -242,3 +242,19 @@ def test_raw_hf_model_is_wrapped_by_its_hook():
     teacher = teachers.as_teacher(hf)
     assert teacher.family == "vilt" and isinstance(teacher.model, ViLT) and teacher.model.hf is hf
     assert not any(p.requires_grad for p in hf.parameters())
+
+
+def test_unimodal_summary_ignores_padding_and_trains_the_shared_layers():
+    """The embedded teacher's contrastive warm-up runs each modality alone through ViLT's layers."""
+    model = _spread(vilt_test()).eval()
+    texts = model.encode_texts(model.tokenize(["a red circle left of a blue square", "a cat"]))
+    alone = model.encode_texts(model.tokenize(["a cat"]))
+    together = model.unimodal_summary(texts)
+    assert together.shape == (2, model.config.hidden_size)
+    assert torch.allclose(together[1], model.unimodal_summary(alone)[0], atol=1e-5)  # padding is masked out
+    assert not torch.allclose(together[0], together[1])
+    model.train()
+    images = model.encode_images(torch.randn(2, 3, 32, 32))
+    model.unimodal_summary(images).pow(2).sum().backward()
+    grad = model.hf.vilt.encoder.layer[0].attention.attention.query.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
