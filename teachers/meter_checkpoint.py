@@ -48,15 +48,17 @@ def _listing(keys: List[str], limit: int = 10) -> str:
     return shown + (f", ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def read_checkpoint(path: str | Path, trusted: bool = False) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
-    """``(state_dict, hyper_parameters)`` of a Lightning ``.ckpt`` (or a bare state dict file).
+def read_checkpoint(path: str | Path, trusted: bool = False, family: str = "METER"
+                    ) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
+    """``(state_dict, hyper_parameters)`` of a Lightning ``.ckpt`` (or a bare state dict / safetensors file).
 
     Loads with ``weights_only=True``; a file that pickles other Python objects is refused with a
     ``CheckpointError`` unless ``trusted=True`` (then ``weights_only=False``: only for files you trust).
+    ``family`` names the teacher in the messages (the ViLT loader reads its ``.ckpt`` files here too).
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"METER checkpoint {path} does not exist")
+        raise FileNotFoundError(f"{family} checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -66,7 +68,8 @@ def read_checkpoint(path: str | Path, trusted: bool = False) -> Tuple[Dict[str, 
     except pickle.UnpicklingError as err:
         raise CheckpointError(
             f"{path} holds pickled objects that torch.load(weights_only=True) refuses ({str(err).splitlines()[0]}); "
-            f"if you trust the file, load it with trusted=True (create_teacher('meter', checkpoint=..., trusted=True))"
+            f"if you trust the file, load it with trusted=True "
+            f"(create_teacher('{family.lower()}', checkpoint=..., trusted=True))"
         ) from None
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict or a state dict")

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import copy
 import math
-import pickle
 import re
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -45,7 +44,7 @@ from transformers import ViltConfig, ViltForImageAndTextRetrieval
 
 from . import register_hook, register_teacher
 from .base import Features, Inputs, Scorer
-from .meter_checkpoint import CheckpointError
+from .meter_checkpoint import CheckpointError, read_checkpoint
 from .tokenizers import load_tokenizer
 
 __all__ = [
@@ -476,29 +475,10 @@ def original_state_dict(hf_state: Mapping[str, Tensor]) -> Dict[str, Tensor]:
 
 def read_original_checkpoint(path: str | Path, trusted: bool = False) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
     """``(state_dict, hyper_parameters["config"])`` of a ViLT Lightning ``.ckpt``, a bare state-dict file or
-    a ``.safetensors`` file. ``torch.load(weights_only=not trusted)``: arbitrary pickles need ``trusted=True``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ViLT checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path)), {}
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=not trusted)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"{path} holds pickled objects that torch.load(weights_only=True) refuses ({str(err).splitlines()[0]}); "
-            f"if you trust the file, pass trusted=True (create_teacher('vilt', checkpoint=..., trusted=True))"
-        ) from None
-    if not isinstance(raw, Mapping):
-        raise CheckpointError(f"{path} holds a {type(raw).__name__}, not a Lightning checkpoint or a state dict")
-    state = raw.get("state_dict", raw)
-    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: expected a Lightning checkpoint with a 'state_dict' mapping of tensors")
-    hparams = raw.get("hyper_parameters") if "state_dict" in raw else None
-    config = hparams.get("config", hparams) if isinstance(hparams, Mapping) else {}
-    return dict(state), dict(config) if isinstance(config, Mapping) else {}
+    a ``.safetensors`` file (:func:`teachers.meter_checkpoint.read_checkpoint`: ``weights_only`` unless ``trusted``)."""
+    state, hparams = read_checkpoint(path, trusted=trusted, family="ViLT")
+    config = hparams.get("config", hparams)
+    return state, dict(config) if isinstance(config, Mapping) else {}
 
 
 def config_from_original(converted: Mapping[str, Tensor], hparams: Optional[Mapping[str, Any]] = None,
