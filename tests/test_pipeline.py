@@ -61,9 +61,15 @@ def test_distill_end_to_end_on_a_fixture_with_a_checkpoint(fixture_json, tmp_pat
         assert (out / stage / "checkpoint.pt").is_file()
     # a second run reuses every finished stage
     cli.main(["distill", "--teacher", "meter", "--teacher-checkpoint", str(teacher_dir), "--data", str(fixture_json),
-              "--out", str(out), "--max-steps", "2", "--batch-size", "8", "--num-negatives", "4", "--num-hard", "2",
-              "--rerank-k", "3"])
+              "--out", str(out), "--max-steps", "2", "--batch-size", "8", "--epochs", "1", "--num-negatives", "4",
+              "--num-hard", "2", "--rerank-k", "3"])
     assert json.loads((out / "results.json").read_text())["training"] == results["training"]
+    # other method settings are never served a student trained with the old ones
+    cli.main(["distill", "--teacher", "meter", "--teacher-checkpoint", str(teacher_dir), "--data", str(fixture_json),
+              "--out", str(out), "--max-steps", "2", "--batch-size", "8", "--epochs", "1", "--num-negatives", "4",
+              "--num-hard", "2", "--rerank-k", "3", "--alpha", "0.1", "--no-fusion"])
+    training = json.loads((out / "results.json").read_text())["training"]
+    assert training["dcd"]["dcd"]["alpha"] == 0.1 and training["baseline"] == results["training"]["baseline"]
 
 
 def test_cli_help_and_errors(capsys):
@@ -88,3 +94,13 @@ def test_cli_student_option_is_not_taken_for_student_checkpoint(capsys):
     assert "unrecognized arguments: --student-check" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--student 'nope' is not a registered student"):
         build_dual(DistillSettings(student="nope"), as_teacher(meter_test()))
+
+
+def test_embedded_and_reference_method_defaults():
+    embedded, coco = DistillSettings().dcd_config(), DistillSettings(data="coco").dcd_config()
+    assert (embedded.alpha, embedded.entropy_temperature, embedded.num_negatives, embedded.num_hard) == (0.5, 4.0, 7, 3)
+    assert (coco.alpha, coco.entropy_temperature, coco.num_negatives, coco.num_hard) == (0.2, 1.0, 15, 7)
+    chosen = DistillSettings(alpha=0.0, entropy_temperature=1.0).dcd_config()  # an explicit 0 is kept
+    assert (chosen.alpha, chosen.entropy_temperature) == (0.0, 1.0)
+    args = cli.build_parser().parse_args(["distill", "--alpha", "0.3"])
+    assert args.alpha == 0.3 and args.entropy_temperature is None
