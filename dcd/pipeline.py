@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -24,6 +23,7 @@ import teachers
 from teachers.base import Scorer
 
 from . import retrieval
+from .checkpoint import claim_run_dir
 from .data import CaptionSplit, load_split
 from .distiller import DCDConfig, Distiller
 from .report import plot_training_curves, results_table
@@ -185,15 +185,11 @@ def train_student(name: str, student: Scorer, teacher: Optional[Scorer], setting
     summary_path = out / "summary.json"
     budget = settings.budget()
     dcd_config = settings.dcd_config(use_teacher=teacher is not None)
-    recipe = json.loads(json.dumps({"budget": asdict(budget), "dcd": dcd_config.to_dict()}))  # as stored
-    if summary_path.is_file() and (saved / "config.json").is_file():
-        summary = json.loads(summary_path.read_text())
-        if {k: summary.get(k) for k in recipe} == recipe:
-            log.info("%s: reusing the finished student in %s", name, saved)
-            return students.load_student(saved).to(settings.device), summary
-        log.warning("%s: %s was trained with other settings; training it again", name, out)
-        if is_main_process():
-            shutil.rmtree(out)
+    recipe = {"budget": asdict(budget), "dcd": dcd_config.to_dict()}
+    # a stage trained (or half-trained) with other settings is cleared, never reused or resumed
+    if claim_run_dir(out, recipe, is_main_process()) and summary_path.is_file() and (saved / "config.json").is_file():
+        log.info("%s: reusing the finished student in %s", name, saved)
+        return students.load_student(saved).to(settings.device), json.loads(summary_path.read_text())
     train = splits["train"]
     distiller = Distiller(teacher, student, dcd_config, train.captions, train.caption_image_tensor(),
                           score_cache=cache if teacher is not None else None)
@@ -214,7 +210,7 @@ def train_student(name: str, student: Scorer, teacher: Optional[Scorer], setting
     history = distiller.fit(train, out, config, evaluate=validate_each_epoch, resume=True)
     summary = {
         "name": name, "teacher": teacher is not None, "train_seconds": round(time.time() - started, 1),
-        "steps": max([r["step"] for r in history] or [0]), **recipe,
+        "steps": max([r["step"] for r in history] or [0]), **json.loads(json.dumps(recipe)),
     }
     if is_main_process():
         student.save_pretrained(saved)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -36,6 +35,7 @@ import teachers
 from teachers.base import Features, Scorer
 
 from . import retrieval
+from .checkpoint import claim_run_dir
 from .data import CaptionSplit, TrainPairs, collate_train, dcd_home
 from .losses import contrastive_loss, self_loss
 from .trainer import TrainConfig, Trainer, is_main_process
@@ -145,19 +145,12 @@ def embedded_teacher(family: str, train: CaptionSplit, device: str = "cpu", prog
                          "(bring a checkpoint with --teacher-checkpoint)")
     recipe = EMBEDDED_TEACHERS[family]
     directory = teacher_dir(family, train)
-    weights, info_path, recipe_path = directory / "model", directory / "teacher.json", directory / "recipe.json"
-    stored = json.loads(recipe_path.read_text()) if recipe_path.is_file() else None
-    if directory.is_dir() and stored != recipe:  # trained (or half-trained) by another recipe: start over
-        log.warning("teacher: %s was made by another recipe (%s); retraining with %s", directory, stored, recipe)
-        if is_main_process():
-            shutil.rmtree(directory)
-    elif info_path.is_file():
+    weights, info_path = directory / "model", directory / "teacher.json"
+    # a teacher trained (or half-trained) by another recipe is cleared, never reused or resumed
+    if claim_run_dir(directory, recipe, is_main_process()) and info_path.is_file():
         log.info("teacher: reusing %s", weights)
         model = teachers.create_model(family, checkpoint=weights)
         return model.to(device), json.loads(info_path.read_text())
-    if is_main_process():
-        directory.mkdir(parents=True, exist_ok=True)
-        recipe_path.write_text(json.dumps(recipe, indent=1))
     torch.manual_seed(0)
     model = teachers.create_model(family, preset=recipe["preset"], **recipe.get("pretrained", {}), **recipe["overrides"])
     started = time.time()
