@@ -285,13 +285,21 @@ class Distiller(nn.Module):
         return self._caption_bank
 
     # ------------------------------------------------------------------ convenience loop
-    def fit(self, split, out_dir: str | Path, config=None, evaluate=None, resume: bool = False, **train_kwargs):
-        """Train on a :class:`dcd.data.CaptionSplit` with :class:`dcd.trainer.Trainer`; returns the history."""
+    def fit(self, split, out_dir: str | Path, config=None, evaluate=None, resume: bool = False, group_size: int = 1,
+            **train_kwargs):
+        """Train on a :class:`dcd.data.CaptionSplit` with :class:`dcd.trainer.Trainer`; returns the history.
+
+        ``group_size > 1``: neighbour batches (:class:`~dcd.data.neighbour_batches.NeighbourGrouping`), groups
+        of that many images whose captions share their words, so in-batch candidates include hard ones.
+        """
         from dcd.data import TrainPairs
+        from dcd.data.neighbour_batches import NeighbourGrouping
         from dcd.trainer import TrainConfig, Trainer
 
         config = config or TrainConfig(**train_kwargs)
-        trainer = Trainer(self, TrainPairs(split, self.transforms()), self.collate(), config, Path(out_dir), evaluate)
+        grouping = NeighbourGrouping(split, group_size) if group_size > 1 else None
+        trainer = Trainer(self, TrainPairs(split, self.transforms()), self.collate(), config, Path(out_dir), evaluate,
+                          grouping=grouping)
         if self.config.alpha_schedule != "constant" and self.config.total_steps is None:
             self.config.total_steps = trainer.total_steps
         return trainer.fit(resume=resume)

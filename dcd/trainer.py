@@ -54,12 +54,18 @@ class TrainConfig:
 
 
 class ResumableSampler(Sampler[int]):
-    """Seeded per-epoch permutation, sharded over ranks, that can start part-way through an epoch."""
+    """Seeded per-epoch permutation, sharded over ranks, that can start part-way through an epoch.
 
-    def __init__(self, size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+    With a ``grouping`` (``groups(generator) -> list of index lists``, e.g.
+    :class:`~dcd.data.neighbour_batches.NeighbourGrouping`) the epoch is that grouping's order instead,
+    and whole groups are dealt to the ranks, so a group's items land in one batch of one rank.
+    """
+
+    def __init__(self, size: int, seed: int = 0, rank: int = 0, world_size: int = 1, grouping=None):
         if size <= 0:
             raise ValueError("cannot train on an empty data set")
         self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size
+        self.grouping = grouping
         self.epoch, self.start = 0, 0
         self.per_rank = math.ceil(size / world_size)
 
@@ -68,6 +74,12 @@ class ResumableSampler(Sampler[int]):
 
     def order(self) -> List[int]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        if self.grouping is not None:
+            groups = self.grouping.groups(g)
+            mine = [i for group in groups[self.rank :: self.world_size] for i in group]
+            if not mine:
+                mine = [i for group in groups for i in group]
+            return (mine * math.ceil(self.per_rank / len(mine)))[: self.per_rank]  # every rank gets as many
         perm = torch.randperm(self.size, generator=g).tolist()
         perm += perm[: self.per_rank * self.world_size - self.size]  # pad so every rank gets as many
         return perm[self.rank :: self.world_size]
@@ -108,6 +120,7 @@ class Trainer:
         out_dir: Path,
         evaluate: Optional[Callable[[nn.Module], Dict[str, float]]] = None,
         on_step: Optional[Callable[[int, Dict[str, float]], None]] = None,
+        grouping=None,
     ):
         self.module, self.dataset, self.collate_fn = module, dataset, collate_fn
         self.config, self.out_dir = config, Path(out_dir)
@@ -127,7 +140,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             _param_groups(self.params, [n for n, _ in named], config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-8
         )
-        self.sampler = ResumableSampler(len(dataset), config.seed, self.rank, self.world_size)
+        self.sampler = ResumableSampler(len(dataset), config.seed, self.rank, self.world_size, grouping)
         self.batches_per_epoch = self.sampler.per_rank // config.batch_size
         if self.batches_per_epoch == 0:
             raise ValueError(f"batch_size {config.batch_size} is larger than the data set shard ({self.sampler.per_rank} items)")
