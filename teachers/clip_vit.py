@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .position_tables import POSITION_INITS, sincos_2d
+
 __all__ = [
     "CLIPVisionModel", "LayerNorm32", "QuickGELU", "ResidualAttentionBlock", "VisualTransformer",
     "interpolate_pos_embed", "load_openai_clip_visual",
@@ -80,8 +82,10 @@ class Transformer(nn.Module):
 
 class VisualTransformer(nn.Module):
     def __init__(self, image_size: int, patch_size: int, width: int, layers: int, heads: int,
-                 mlp_ratio: float = 4.0, eps: float = 1e-5):
+                 mlp_ratio: float = 4.0, eps: float = 1e-5, position_init: str = "default"):
         super().__init__()
+        if position_init not in POSITION_INITS:
+            raise ValueError(f"position_init must be one of {POSITION_INITS}, got {position_init!r}")
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
         if width % heads:
@@ -89,6 +93,7 @@ class VisualTransformer(nn.Module):
         self.image_size = image_size
         self.patch_size = patch_size
         self.grid = image_size // patch_size
+        self.position_init = position_init
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
         self.class_embedding = nn.Parameter(torch.empty(width))
         self.positional_embedding = nn.Parameter(torch.empty(self.grid ** 2 + 1, width))
@@ -99,12 +104,16 @@ class VisualTransformer(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """CLIP's initialisation (for random towers; checkpoints overwrite it)."""
+        """CLIP's initialisation (for random towers; checkpoints overwrite it); with ``position_init="sincos"``
+        the position table starts as the fixed 2-D sin-cos table (:mod:`teachers.position_tables`)."""
         width = self.conv1.out_channels
         layers = max(1, len(self.transformer.resblocks))
         scale = width ** -0.5
         nn.init.normal_(self.class_embedding, std=scale)
-        nn.init.normal_(self.positional_embedding, std=scale)
+        if self.position_init == "sincos":
+            self.positional_embedding.copy_(sincos_2d(self.grid, width))
+        else:
+            nn.init.normal_(self.positional_embedding, std=scale)
         proj_std = scale * (2 * layers) ** -0.5
         fc_std = (2 * width) ** -0.5
         for block in self.transformer.resblocks:
@@ -144,9 +153,9 @@ class CLIPVisionModel(nn.Module):
     """``vit_model``: METER's trimmed CLIP, holding only ``visual`` (the text-tower leftovers are not built)."""
 
     def __init__(self, image_size: int, patch_size: int, width: int, layers: int, heads: int,
-                 mlp_ratio: float = 4.0, eps: float = 1e-5):
+                 mlp_ratio: float = 4.0, eps: float = 1e-5, position_init: str = "default"):
         super().__init__()
-        self.visual = VisualTransformer(image_size, patch_size, width, layers, heads, mlp_ratio, eps)
+        self.visual = VisualTransformer(image_size, patch_size, width, layers, heads, mlp_ratio, eps, position_init)
 
     @property
     def width(self) -> int:

@@ -104,7 +104,7 @@ class METER(Scorer):
         c = config
         h = c.hidden_size
         self.vit_model = CLIPVisionModel(c.image_size, c.patch_size, c.vision_width, c.vision_layers, c.vision_heads,
-                                         c.vision_mlp_ratio, c.vision_layer_norm_eps)
+                                         c.vision_mlp_ratio, c.vision_layer_norm_eps, c.vision_position_init)
         self.text_transformer = build_text_transformer(c.text_config)
         self.cross_modal_text_transform = nn.Linear(c.text_hidden_size, h)
         self.cross_modal_image_transform = nn.Linear(c.vision_width, h)

@@ -123,7 +123,8 @@ def config_from_checkpoint(state: Mapping[str, Tensor], hparams: Optional[Mappin
     grid = math.isqrt(int(pos.shape[-2]) - 1)
     heads = base.vision_heads if width == base.vision_width else max(1, width // 64)  # CLIP: 64 per head
     cfg.update(vision_width=width, patch_size=patch, vision_heads=heads,
-               vision_layers=_count(state, r"vit_model\.visual\.transformer\.resblocks\.(\d+)\."))
+               vision_layers=_count(state, r"vit_model\.visual\.transformer\.resblocks\.(\d+)\."),
+               vision_position_init="default")  # the checkpoint holds the table: how a fresh one starts is moot
     c_fc = state.get("vit_model.visual.transformer.resblocks.0.mlp.c_fc.weight")
     if c_fc is not None:
         cfg["vision_mlp_ratio"] = c_fc.shape[0] / width
