@@ -373,17 +373,29 @@ def evaluate(model: Scorer, split, batch_size: int = 64, text_batch_size: int = 
     Images go through the model's own ``image_transform(False)`` and ``collate_images``, captions
     through its ``tokenize``; scores stream into a :class:`RecallAccumulator` (no full matrix). The
     model is put in eval mode and restored afterwards. Returns the recall dict plus ``"elapsed_s"``
-    (wall-clock seconds of the whole evaluation).
+    (wall-clock seconds of the whole evaluation), and ``"binding"`` (:mod:`dcd.binding`) for a split
+    with twin groups (the embedded set), from the same score blocks.
     """
+    from .binding import binding_accumulator
+
     started = time.perf_counter()
     was_training = model.training
     model.eval()
     try:
-        acc = RecallAccumulator(split.caption_image_tensor(), split.num_images, ks)
+        accumulators = [RecallAccumulator(split.caption_image_tensor(), split.num_images, ks)]
+        binding = binding_accumulator(split)
+        accumulators += [binding] if binding is not None else []
+
+        def add_block(rows, cols, block):
+            for accumulator in accumulators:
+                accumulator.add_block(rows, cols, block)
+
         score_matrix(model, _eval_images(model, split, batch_size, num_workers), split.captions, batch_size,
-                     text_batch_size, device, progress, num_workers, offload, on_block=acc.add_block,
+                     text_batch_size, device, progress, num_workers, offload, on_block=add_block,
                      return_matrix=False)
-        metrics = acc.compute()
+        metrics: Dict[str, float] = {}
+        for accumulator in accumulators:
+            metrics.update(accumulator.compute())
     finally:
         model.train(was_training)
     metrics["elapsed_s"] = time.perf_counter() - started
