@@ -113,6 +113,16 @@ def _init_distributed(device: str) -> str:
     return device
 
 
+def _shutdown_distributed() -> None:
+    """Under torchrun: wait for every rank, then leave the group together (a rank exiting while another
+    still works makes gloo abort the process)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _check_device(device: str) -> None:
     import torch
 
@@ -184,6 +194,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     options["directions"] = tuple(x.strip() for x in options["directions"].split(",") if x.strip())
     options["device"] = _init_distributed(options["device"])
     run_distill(DistillSettings(**options))
+    _shutdown_distributed()  # on success only: after an error, torchrun stops the other ranks
     return 0
 
 

@@ -35,6 +35,7 @@ def main(data_json: str, out: str) -> None:
             "world": world, "steps": trainer.global_step, "gathered_rows": gathered_rows, "per_rank": int(shard),
             "max_param_diff": float(max((c - copies[0]).abs().max() for c in copies)),
         }))
+    dist.barrier()  # tear the group down together: a rank leaving while another still works aborts it
     dist.destroy_process_group()
 
 
