@@ -45,6 +45,8 @@ def _distill_options(p: argparse.ArgumentParser) -> None:
                    help="mixed precision on CUDA (auto: bf16 where supported)")
     t.add_argument("--num-workers", type=int, default=d.num_workers, help="data loader processes")
     t.add_argument("--seed", type=int, default=d.seed)
+    t.add_argument("--group-size", type=int, help="students' batches made of neighbour groups of this many images "
+                   "whose captions share words, so in-batch negatives are hard (1: shuffled batches)")
     m = p.add_argument_group("DCD method")
     m.add_argument("--num-negatives", type=int, help="K candidates the teacher scores per sample "
                    "(embedded 7; reference 15 COCO, 63 Flickr30K)")
@@ -80,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="synthetic", choices=("synthetic",))
     p.add_argument("--data-root")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--compare-dual", action="store_true",
+                   help="also train the undistilled dual student for the teacher's training time and report both")
+    p.add_argument("--out", help="run folder of --compare-dual (default: runs/<teacher>-synthetic)")
 
     p = sub.add_parser("distill", allow_abbrev=False, help="data -> teacher -> baseline / DCD students -> recall and speed table",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -146,6 +151,17 @@ def _load_model(spec: str, data: str, data_root: Optional[str], device: str):
     return teachers.as_teacher(model)
 
 
+def _teacher_vs_dual(family: str, teacher: dict, dual: dict, split: str) -> str:
+    """Two lines a person can read: the teacher against the dual student trained for the same time."""
+    rows = [(f"{family} teacher", teacher[split], teacher["train_seconds"]),
+            (f"dual, {dual['steps']} steps", dual[split], dual["train_seconds"])]
+    lines = [f"{'on ' + split:<24} {'i2t R@1':>8} {'t2i R@1':>8} {'RSUM':>7} {'binding':>8} {'train (s)':>10}"]
+    for name, m, seconds in rows:
+        binding = f"{m['binding']:>8.1f}" if "binding" in m else f"{'':>8}"
+        lines.append(f"{name:<24} {m['i2t_r1']:>8.1f} {m['t2i_r1']:>8.1f} {m['rsum']:>7.1f} {binding} {seconds:>10.0f}")
+    return "\n".join(lines)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -172,6 +188,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         if test.name not in info:  # reused from an earlier run: measure it now
             info[test.name] = evaluate(model, test, device=args.device)
         print(json.dumps(info, indent=1))
+        if args.compare_dual:
+            from .pipeline import DistillSettings, equal_time_dual
+
+            splits = {role: load_split(args.data, args.data_root, split=name)
+                      for role, name in (("train", "train"), ("val", "val"), ("eval", "test"))}
+            run_dir = DistillSettings(teacher=args.teacher, data=args.data, out=args.out).run_dir()
+            dual = equal_time_dual(info["train_seconds"], splits, run_dir, device=args.device)
+            print(json.dumps({"equal_time_dual": dual}, indent=1))
+            print(_teacher_vs_dual(args.teacher, info, dual, test.name))
         return 0
 
     if args.command == "eval":

@@ -60,6 +60,8 @@ REFERENCE_NEGATIVES = {"coco": 15, "flickr30k": 63}
 #: 262); T=4 (effective size 31) gave 266, T=4 with alpha 0.5 gave 276. Real data keeps the reference 0.2 / 1.
 EMBEDDED_ALPHA, EMBEDDED_ENTROPY_TEMPERATURE = 0.5, 4.0
 REFERENCE_ALPHA, REFERENCE_ENTROPY_TEMPERATURE = 0.2, 1.0
+#: embedded default's student batches: plain shuffled (1) or neighbour groups of this many images
+EMBEDDED_GROUP_SIZE = 1
 
 
 @dataclass
@@ -97,6 +99,7 @@ class DistillSettings:
     eval_split: str = "test"
     precision: str = "auto"
     num_workers: int = 0
+    group_size: Optional[int] = None  # neighbour batches for the students; None: embedded default / 1 on real data
     seed: int = 0
     progress: bool = True
     extra: Dict[str, Any] = field(default_factory=dict)
@@ -116,6 +119,10 @@ class DistillSettings:
         chosen = {k: v for k, v in (("epochs", self.epochs), ("batch_size", self.batch_size), ("lr", self.lr),
                                     ("max_steps", self.max_steps)) if v is not None}
         return replace(base, **chosen)
+
+    def student_group_size(self) -> int:
+        """Images per neighbour group in the students' batches (1: plain shuffled batches)."""
+        return _default(self.group_size, EMBEDDED_GROUP_SIZE if self.data == "synthetic" else 1)
 
     def dcd_config(self, use_teacher: bool = True) -> DCDConfig:
         """The method's settings; for the baseline (``use_teacher=False``) the knobs of the teacher's terms
@@ -185,7 +192,8 @@ def train_student(name: str, student: Scorer, teacher: Optional[Scorer], setting
     summary_path = out / "summary.json"
     budget = settings.budget()
     dcd_config = settings.dcd_config(use_teacher=teacher is not None)
-    recipe = {"budget": asdict(budget), "dcd": dcd_config.to_dict()}
+    group_size = settings.student_group_size()
+    recipe = {"budget": asdict(budget), "dcd": dcd_config.to_dict(), "group_size": group_size}
     # a stage trained (or half-trained) with other settings is cleared, never reused or resumed
     if claim_run_dir(out, recipe, is_main_process()) and summary_path.is_file() and (saved / "config.json").is_file():
         log.info("%s: reusing the finished student in %s", name, saved)
@@ -207,7 +215,7 @@ def train_student(name: str, student: Scorer, teacher: Optional[Scorer], setting
     validate_each_epoch = validate if getattr(student, "family", "") == "dual" else None
 
     started = time.time()
-    history = distiller.fit(train, out, config, evaluate=validate_each_epoch, resume=True)
+    history = distiller.fit(train, out, config, evaluate=validate_each_epoch, resume=True, group_size=group_size)
     summary = {
         "name": name, "teacher": teacher is not None, "train_seconds": round(time.time() - started, 1),
         "steps": max([r["step"] for r in history] or [0]), **json.loads(json.dumps(recipe)),
@@ -216,6 +224,37 @@ def train_student(name: str, student: Scorer, teacher: Optional[Scorer], setting
         student.save_pretrained(saved)
         summary_path.write_text(json.dumps(summary, indent=1))
     return student, summary
+
+
+def equal_time_dual(seconds: float, splits: Dict[str, CaptionSplit], run_dir: Path, device: str = "cpu",
+                    progress: bool = True, calibration_steps: int = 15) -> Dict[str, Any]:
+    """The bar an embedded teacher has to clear: the undistilled dual student trained for ``seconds``.
+
+    A teacher is only worth distilling if it ranks better than the student would on its own, given the
+    compute the teacher took. So the baseline dual (the embedded student and recipe of ``dcd distill``)
+    is timed over ``calibration_steps`` steps on this machine (steady state, from its metrics log), then
+    trained for as many steps as fit in
+    ``seconds`` (its learning-rate schedule ending there) and evaluated on ``splits["eval"]``. The
+    trained student is kept in ``run_dir`` and reused when the step count comes out the same.
+    """
+    import tempfile
+
+    probe = DistillSettings(device=device, progress=False, max_steps=calibration_steps, epochs=1000, fusion=False)
+    with tempfile.TemporaryDirectory() as scratch:
+        train_student("calibration", build_dual(probe, None), None, probe, splits, Path(scratch))
+        log = [json.loads(line) for line in (Path(scratch) / "calibration" / "metrics.jsonl").read_text().splitlines()]
+    # steady state: from the first logged step to the last (start-up and saving are not per-step costs)
+    timed = [(r["step"], r["elapsed_s"]) for r in log if "elapsed_s" in r]
+    if len(timed) < 2:
+        raise ValueError(f"calibration_steps={calibration_steps} logs too few steps to time; use at least 10")
+    (first_step, first_time), (last_step, last_time) = timed[0], timed[-1]
+    step_seconds = (last_time - first_time) / (last_step - first_step)
+    steps = max(1, round(seconds / step_seconds))
+    settings = replace(probe, max_steps=steps, progress=progress)
+    student, summary = train_student("equal-time-dual", build_dual(settings, None), None, settings, splits, run_dir)
+    metrics = retrieval.evaluate(student, splits["eval"], device=device, progress=False)
+    return {"target_seconds": round(seconds, 1), "step_seconds": round(step_seconds, 3), "steps": steps,
+            "train_seconds": summary["train_seconds"], splits["eval"].name: metrics}
 
 
 def teacher_score_cache(teacher: Scorer, settings: DistillSettings, train: CaptionSplit, run_dir: Path):

@@ -6,7 +6,7 @@ import torch
 
 from dcd import cli, teacher_training
 from dcd.data import build_synthetic, load_karpathy
-from dcd.pipeline import DistillSettings, build_dual, load_teacher
+from dcd.pipeline import DistillSettings, build_dual, equal_time_dual, load_teacher
 from teachers import as_teacher
 from teachers.meter import meter_test
 
@@ -70,6 +70,27 @@ def test_distill_end_to_end_on_a_fixture_with_a_checkpoint(fixture_json, tmp_pat
               "--num-hard", "2", "--rerank-k", "3", "--alpha", "0.1", "--no-fusion"])
     training = json.loads((out / "results.json").read_text())["training"]
     assert training["dcd"]["dcd"]["alpha"] == 0.1 and training["baseline"] == results["training"]["baseline"]
+    assert training["baseline"]["group_size"] == 1  # data given as a file (real data): plain shuffled batches
+    # neighbour batches are a recipe of their own, for the baseline and the DCD student alike
+    cli.main(["distill", "--teacher", "meter", "--teacher-checkpoint", str(teacher_dir), "--data", str(fixture_json),
+              "--out", str(out), "--max-steps", "2", "--batch-size", "8", "--epochs", "1", "--num-negatives", "4",
+              "--num-hard", "2", "--rerank-k", "3", "--alpha", "0.1", "--no-fusion", "--group-size", "2"])
+    grouped = json.loads((out / "results.json").read_text())["training"]
+    # a summary records the recipe its student was trained with: both were retrained, neither reused
+    assert grouped["baseline"]["group_size"] == grouped["dcd"]["group_size"] == 2
+
+
+@pytest.mark.slow
+def test_equal_time_dual_trains_for_the_time_it_is_given(fixture_json, tmp_path):
+    splits = {role: load_karpathy(fixture_json, split=name) for role, name in (("train", "train"), ("val", "val"),
+                                                                               ("eval", "test"))}
+    out = equal_time_dual(2.0, splits, tmp_path, progress=False, calibration_steps=10)
+    assert out["steps"] == max(1, round(2.0 / out["step_seconds"]))
+    assert 0 <= out["synthetic-test"]["i2t_r1"] <= 100 and out["target_seconds"] == 2.0
+    summary = json.loads((tmp_path / "equal-time-dual" / "summary.json").read_text())
+    assert summary["steps"] == out["steps"] and summary["teacher"] is False  # the undistilled baseline
+    assert (tmp_path / "equal-time-dual" / "student" / "config.json").is_file()
+    assert not (tmp_path / "calibration").exists()  # the timing run leaves nothing behind
 
 
 def test_cli_help_and_errors(capsys):
