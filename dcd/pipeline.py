@@ -26,7 +26,7 @@ from . import retrieval
 from .checkpoint import claim_run_dir
 from .data import CaptionSplit, load_split
 from .distiller import DCDConfig, Distiller
-from .report import plot_training_curves, results_table
+from .report import plot_training_curves, read_metrics, results_table
 from .teacher_training import embedded_teacher
 from .trainer import TrainConfig, is_main_process
 
@@ -233,16 +233,16 @@ def equal_time_dual(seconds: float, splits: Dict[str, CaptionSplit], run_dir: Pa
     A teacher is only worth distilling if it ranks better than the student would on its own, given the
     compute the teacher took. So the baseline dual (the embedded student and recipe of ``dcd distill``)
     is timed over ``calibration_steps`` steps on this machine (steady state, from its metrics log), then
-    trained for as many steps as fit in
-    ``seconds`` (its learning-rate schedule ending there) and evaluated on ``splits["eval"]``. The
-    trained student is kept in ``run_dir`` and reused when the step count comes out the same.
+    trained for as many steps as fit in ``seconds`` (its learning-rate schedule ending there) and
+    evaluated on ``splits["eval"]``. The trained student is kept in ``run_dir`` and reused when the step
+    count comes out the same.
     """
     import tempfile
 
     probe = DistillSettings(device=device, progress=False, max_steps=calibration_steps, epochs=1000, fusion=False)
     with tempfile.TemporaryDirectory() as scratch:
         train_student("calibration", build_dual(probe, None), None, probe, splits, Path(scratch))
-        log = [json.loads(line) for line in (Path(scratch) / "calibration" / "metrics.jsonl").read_text().splitlines()]
+        log = read_metrics(Path(scratch) / "calibration" / "metrics.jsonl")
     # steady state: from the first logged step to the last (start-up and saving are not per-step costs)
     timed = [(r["step"], r["elapsed_s"]) for r in log if "elapsed_s" in r]
     if len(timed) < 2:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 METRIC_COLUMNS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 HEADERS = ("i2t R@1", "R@5", "R@10", "t2i R@1", "R@5", "R@10", "RSUM")
@@ -35,34 +35,48 @@ def read_metrics(path: Path) -> List[Dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def curve_panels(logs: Dict[str, List[Dict]], keys: Sequence[str] = ("loss", "self", "distill")
+                 ) -> Dict[str, Dict[str, List[Tuple[float, float]]]]:
+    """``{panel: {run: [(x, y), ...]}}`` for every loss term in ``keys`` (x: step) and the per-epoch
+    validation RSUM (x: epoch); a panel no run has points for is left out, and so is a run without points."""
+    panels: Dict[str, Dict[str, List[Tuple[float, float]]]] = {}
+    for key in list(keys) + ["val RSUM"]:
+        curves = {}
+        for name, records in logs.items():
+            if key == "val RSUM":
+                points = [(r["epoch"], r["eval"]["rsum"]) for r in records if "rsum" in r.get("eval", {})]
+            else:
+                points = [(r["step"], r[key]) for r in records if key in r]
+            if points:
+                curves[name] = points
+        if curves:
+            panels[key] = curves
+    return panels
+
+
 def plot_training_curves(runs: Dict[str, Path], out_png: Path, keys: Sequence[str] = ("loss", "self", "distill")) -> Path | None:
-    """One panel per loss term (step on x) and one for the per-epoch validation RSUM, for every run."""
+    """One panel per loss term (step on x) and one for the per-epoch validation RSUM, for every run;
+    each run keeps one colour across the panels, whichever panels it appears in."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     logs = {name: read_metrics(Path(d) / "metrics.jsonl") for name, d in runs.items()}
-    logs = {k: v for k, v in logs.items() if v}
-    if not logs:
+    panels = curve_panels({k: v for k, v in logs.items() if v}, keys)
+    if not panels:
         return None
-    panels = [k for k in keys if any(k in r for rec in logs.values() for r in rec)] + ["val RSUM"]
+    colours = {name: f"C{i}" for i, name in enumerate(logs)}
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
     axes = [axes] if len(panels) == 1 else list(axes)
-    for ax, key in zip(axes, panels):
-        for name, records in logs.items():
-            if key == "val RSUM":
-                points = [(r["epoch"], r["eval"]["rsum"]) for r in records if "eval" in r and "rsum" in r["eval"]]
-                ax.set_xlabel("epoch")
-            else:
-                points = [(r["step"], r[key]) for r in records if key in r]
-                ax.set_xlabel("step")
-            if points:
-                xs, ys = zip(*points)
-                ax.plot(xs, ys, marker="o" if key == "val RSUM" else None, label=name)
+    for ax, (key, curves) in zip(axes, panels.items()):
+        for name, points in curves.items():
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, color=colours[name], marker="o" if key == "val RSUM" else None, label=name)
+        ax.set_xlabel("epoch" if key == "val RSUM" else "step")
         ax.set_title(key)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
