@@ -119,11 +119,15 @@ def _init_distributed(device: str) -> str:
 
 
 def _shutdown_distributed() -> None:
-    """Under torchrun: wait for every rank, then leave the group together (a rank exiting while another
-    still works makes gloo abort the process)."""
+    """Under torchrun: free what still holds the group (DDP reducers left in reference cycles), wait for
+    every rank, then leave the group together. Gloo aborts the process (``terminate called without an
+    active exception``) when its work is torn down during interpreter exit, or while another rank still works."""
+    import gc
+
     import torch.distributed as dist
 
     if dist.is_initialized():
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 

@@ -1,4 +1,5 @@
 """Run by tests/test_distributed.py under torchrun (2 processes, gloo): DCD training with DDP on CPU."""
+import gc
 import json
 import sys
 from pathlib import Path
@@ -35,7 +36,11 @@ def main(data_json: str, out: str) -> None:
             "world": world, "steps": trainer.global_step, "gathered_rows": gathered_rows, "per_rank": int(shard),
             "max_param_diff": float(max((c - copies[0]).abs().max() for c in copies)),
         }))
-    dist.barrier()  # tear the group down together: a rank leaving while another still works aborts it
+    # Free DDP's reducer (it holds the group and pending gloo work) while the interpreter is alive, then
+    # leave the group together: torn down at interpreter exit, or while the other rank still works, gloo aborts.
+    del trainer, distiller
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 
