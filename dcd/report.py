@@ -63,7 +63,7 @@ def plot_training_curves(runs: Dict[str, Path], out_png: Path, keys: Sequence[st
     import matplotlib.pyplot as plt
 
     logs = {name: read_metrics(Path(d) / "metrics.jsonl") for name, d in runs.items()}
-    panels = curve_panels({k: v for k, v in logs.items() if v}, keys)
+    panels = curve_panels(logs, keys)
     if not panels:
         return None
     colours = {name: f"C{i}" for i, name in enumerate(logs)}
