@@ -1,5 +1,4 @@
 """Run by tests/test_distributed.py under torchrun (2 processes, gloo): DCD training with DDP on CPU."""
-import gc
 import json
 import sys
 from pathlib import Path
@@ -9,6 +8,7 @@ import torch.distributed as dist
 
 import dcd
 import students
+from dcd.cli import _shutdown_distributed
 from dcd.data import TrainPairs, load_karpathy
 from dcd.losses import gather_with_grad
 from dcd.trainer import TrainConfig, Trainer
@@ -36,12 +36,9 @@ def main(data_json: str, out: str) -> None:
             "world": world, "steps": trainer.global_step, "gathered_rows": gathered_rows, "per_rank": int(shard),
             "max_param_diff": float(max((c - copies[0]).abs().max() for c in copies)),
         }))
-    # Free DDP's reducer (it holds the group and pending gloo work) while the interpreter is alive, then
-    # leave the group together: torn down at interpreter exit, or while the other rank still works, gloo aborts.
+    # drop DDP's reducer while the interpreter is alive, then the shutdown `dcd distill` uses (gc, barrier, destroy)
     del trainer, distiller
-    gc.collect()
-    dist.barrier()
-    dist.destroy_process_group()
+    _shutdown_distributed()
 
 
 if __name__ == "__main__":
