@@ -5,6 +5,9 @@
   "negatives").
 * :func:`nearest_captions`: the student's current nearest captions to each image (a dual student's
   caption bank, refreshed every N steps by the :class:`~dcd.distiller.Distiller`); harder than random.
+* :func:`neighbour_captions`: captions of the images nearest by caption words (idf-weighted word sets,
+  :func:`~dcd.data.neighbour_batches.caption_neighbours`), where binding twins and near-duplicates live;
+  the teacher-free analogue of BM25 negatives, fixed before training (the score cache's "near" pools).
 * :func:`in_batch`: the other rows of the batch that show a different image; used for text->image
   (candidate images come from the batch, already loaded) and for image->text when no corpus is given.
 
@@ -15,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["random_captions", "nearest_captions", "in_batch"]
+__all__ = ["random_captions", "nearest_captions", "neighbour_captions", "in_batch"]
 
 
 def random_captions(image_index: Tensor, caption_image: Tensor, k: int) -> Tensor:
@@ -38,6 +41,21 @@ def nearest_captions(image_embedding: Tensor, caption_bank: Tensor, image_index:
     sims = image_embedding.detach().float() @ caption_bank.t().to(image_embedding.device).float()
     own = caption_image.to(sims.device)[None, :] == image_index.to(sims.device)[:, None]
     return sims.masked_fill(own, float("-inf")).topk(k, dim=1).indices
+
+
+def neighbour_captions(split, image_index: Tensor, k: int, neighbours: int = 8) -> Tensor:
+    """``[B, k]`` captions drawn (without replacement) from those of each image's ``neighbours`` nearest images."""
+    from dcd.data.neighbour_batches import caption_neighbours
+
+    near_images = caption_neighbours(split, neighbours)[image_index.cpu()]  # [B, neighbours]
+    captions_of = split.image_to_captions()
+    rows = []
+    for images in near_images.tolist():
+        pool = torch.tensor([c for i in images for c in captions_of[i]])
+        if len(pool) < k:
+            raise ValueError(f"{neighbours} neighbour images hold {len(pool)} captions, fewer than k={k}")
+        rows.append(pool[torch.randperm(len(pool))[:k]])
+    return torch.stack(rows)
 
 
 def in_batch(image_index: Tensor, k: int) -> Tensor:

@@ -10,9 +10,12 @@ Per training sample (image I, positive caption t+), in each enabled direction:
    (:mod:`dcd.hard_negatives`); the student scores exactly those, in the same order;
 3. per-sample losses (:mod:`dcd.losses`) weighted per sample (:mod:`dcd.weighting`)::
 
-       L = alpha * sum_i r_i * L_distill_i + (1 - alpha) * (sum_i w_i * L_self_i + c * L_contrastive)
+       L = c * L_contrastive + alpha * sum_i r_i * L_distill_i + (1 - alpha) * sum_i w_i * L_self_i
 
-   where ``L_contrastive`` is a dual student's in-batch InfoNCE (gathered across ranks).
+   where ``L_contrastive`` is a dual student's in-batch InfoNCE (gathered across ranks). It stays
+   outside the alpha mix: inside it (``contrastive_in_mix=True``, the earlier form) alpha also scaled
+   the term closest to the retrieval metric, and the distilled student trained less than the baseline
+   (dcd_review.md, finding 2).
 
 With ``use_teacher=False`` (or no teacher) the same module trains the student on its own: 1 + k
 random candidates, the self-learning loss, uniform weights. That is the undistilled baseline, and
@@ -42,6 +45,7 @@ from .weighting import AlphaSchedule, dynamic_weights, uniform_weights
 __all__ = ["DCDConfig", "Distiller", "wrap"]
 
 DIRECTIONS = ("i2t", "t2i")
+SELECTIONS = ("hardest", "random", "all")
 
 
 @dataclass
@@ -55,15 +59,18 @@ class DCDConfig:
     directions: Tuple[str, ...] = DIRECTIONS  # reference: image->text only
     distill_loss: str = "kl"  # "kl" or "mse" (reference)
     self_loss: str = "ce"  # "ce" or "bce" (reference)
-    temperature: float = 1.0  # KL temperature
+    temperature: float = 1.0  # KL temperature (both sides, Hinton)
+    teacher_temperature: float = 1.0  # divides the teacher's logits only: how soft the KL target is
     entropy_temperature: float = 1.0  # T of the teacher distribution behind the dynamic weights
     alpha: float = 0.2  # distillation share of the loss
     alpha_end: Optional[float] = None  # with alpha_schedule linear / cosine; default: alpha
     alpha_schedule: str = "constant"
     total_steps: Optional[int] = None  # training length, for an alpha schedule
     dynamic: bool = True  # per-sample entropy weights; False: uniform
-    hard_negative_mining: bool = True  # False: distil over all 1 + K candidates (reference useHNM)
+    selection: str = "hardest"  # which k of the K scored candidates the student sees: the teacher's
+    # "hardest" (DCD), k "random" ones (the ablation without teacher hard negatives), or "all" K
     contrastive: float = 1.0  # weight of a dual student's in-batch contrastive loss
+    contrastive_in_mix: bool = False  # True: alpha scales the contrastive loss too (the earlier form)
     use_teacher: bool = True  # False: the undistilled baseline
 
     def __post_init__(self) -> None:
@@ -78,8 +85,12 @@ class DCDConfig:
             raise ValueError(f"negatives must be 'random' or 'nearest', not {self.negatives!r}")
         if not 0 < self.num_hard <= self.num_negatives:
             raise ValueError(f"num_hard ({self.num_hard}) must be in 1..num_negatives ({self.num_negatives})")
-        if self.alpha_schedule != "constant" and not self.total_steps:
-            raise ValueError(f"alpha_schedule={self.alpha_schedule!r} needs total_steps")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, not {self.selection!r}")
+        if self.distill_loss != "kl" and (self.temperature != 1.0 or self.teacher_temperature != 1.0):
+            raise ValueError(f"temperature / teacher_temperature act on the KL loss only; distill_loss="
+                             f"{self.distill_loss!r} would ignore them")
+        AlphaSchedule(self.alpha, self.alpha if self.alpha_end is None else self.alpha_end, self.alpha_schedule)
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "DCDConfig":
@@ -159,8 +170,13 @@ class Distiller(nn.Module):
         return self
 
     def alpha(self) -> float:
-        total = self.config.total_steps or 1
-        return self.alpha_schedule(float(self.step) / total)
+        """This step's alpha; a schedule runs over ``total_steps`` (set by :meth:`fit`, or given)."""
+        if self.alpha_schedule.kind == "constant":
+            return self.alpha_schedule.start
+        if not self.config.total_steps:
+            raise ValueError(f"alpha_schedule={self.config.alpha_schedule!r} needs total_steps: pass it to wrap() "
+                             "or train with Distiller.fit, which sets it from the trainer's step count")
+        return self.alpha_schedule(float(self.step) / self.config.total_steps)
 
     # ------------------------------------------------------------------ the loss
     def forward(self, batch: Dict[str, Any]) -> Dict[str, Any]:
@@ -189,7 +205,8 @@ class Distiller(nn.Module):
                 w, r = dynamic_weights(teacher_scores, cfg.entropy_temperature) if cfg.dynamic else \
                     (uniform_weights(len(teacher_scores), device),) * 2
                 parts["distill"].append((r * distill_loss(student_scores, teacher_scores, cfg.distill_loss,
-                                                          cfg.temperature)).sum())
+                                                          cfg.temperature, cfg.teacher_temperature)).sum())
+                stats[f"r_spread_{direction}"] = r.max() / r.min().clamp(min=1e-12)
                 stats[f"teacher_top1_{direction}"] = (teacher_scores.argmax(1) == 0).float().mean()
                 weights[direction] = torch.stack([w, r])
             else:
@@ -198,17 +215,21 @@ class Distiller(nn.Module):
 
         loss_self = torch.stack(parts["self"]).mean()
         out: Dict[str, Any] = {}
+        loss_contrast = loss_self.new_zeros(())
         if cfg.contrastive and "embedding" in s_img and hasattr(self.student, "scale"):
             contrast = contrastive_loss(s_img["embedding"], s_txt["embedding"], self.student.scale(), image_index).mean()
-            loss_self = loss_self + cfg.contrastive * contrast
+            loss_contrast = cfg.contrastive * contrast
             out["contrastive"] = contrast.detach()
         if use_teacher:
             alpha = self.alpha()
             loss_distill = torch.stack(parts["distill"]).mean()
-            loss = alpha * loss_distill + (1.0 - alpha) * loss_self
+            if cfg.contrastive_in_mix:
+                loss = alpha * loss_distill + (1.0 - alpha) * (loss_self + loss_contrast)
+            else:
+                loss = loss_contrast + alpha * loss_distill + (1.0 - alpha) * loss_self
             out.update(distill=loss_distill.detach(), alpha=torch.tensor(alpha))
         else:
-            loss = loss_self
+            loss = loss_contrast + loss_self
         if self.training:
             self.step += 1
         out.update(loss=loss, self=loss_self.detach(), weights=weights, **stats)
@@ -234,8 +255,7 @@ class Distiller(nn.Module):
             if use_teacher:
                 teacher_scores = self._score_captions(self.teacher, t_img, candidates)
         if teacher_scores is not None:
-            keep = select_hard(teacher_scores, cfg.num_hard) if cfg.hard_negative_mining else \
-                torch.arange(teacher_scores.shape[1], device=teacher_scores.device).expand_as(teacher_scores)
+            keep = _select(teacher_scores, cfg.num_hard, cfg.selection)
             teacher_scores = gather(teacher_scores, keep)
             candidates = gather(candidates, keep.to(candidates.device))
         return self._score_captions(self.student, s_img, candidates), teacher_scores
@@ -253,10 +273,9 @@ class Distiller(nn.Module):
         teacher_scores = None
         if use_teacher:
             teacher_scores = _score_rows(self.teacher, t_img, t_txt, *pairs)
-            if cfg.hard_negative_mining:
-                keep = select_hard(teacher_scores, min(cfg.num_hard, teacher_scores.shape[1] - 1))
-                teacher_scores = gather(teacher_scores, keep)
-                pairs = tuple(gather(p, keep) for p in pairs)
+            keep = _select(teacher_scores, min(cfg.num_hard, teacher_scores.shape[1] - 1), cfg.selection)
+            teacher_scores = gather(teacher_scores, keep)
+            pairs = tuple(gather(p, keep) for p in pairs)
         return _score_rows(self.student, s_img, s_txt, *pairs), teacher_scores
 
     def _score_captions(self, model: Scorer, image_features: Features, candidates: Tensor) -> Tensor:
@@ -303,6 +322,17 @@ class Distiller(nn.Module):
         if self.config.alpha_schedule != "constant" and self.config.total_steps is None:
             self.config.total_steps = trainer.total_steps
         return trainer.fit(resume=resume)
+
+
+def _select(teacher_scores: Tensor, k: int, selection: str) -> Tensor:
+    """Columns ``[B, 1 + k]`` (positive first) of the candidates the student trains on."""
+    if selection == "hardest":
+        return select_hard(teacher_scores, k)
+    rows, columns = teacher_scores.shape
+    if selection == "all":
+        return torch.arange(columns, device=teacher_scores.device).expand(rows, columns)
+    picked = torch.rand(rows, columns - 1).argsort(dim=1)[:, :k].to(teacher_scores.device) + 1
+    return torch.cat([torch.zeros_like(picked[:, :1]), picked], dim=1)
 
 
 def _score_rows(model: Scorer, image_features: Features, text_features: Features, image_rows: Tensor,

@@ -3,8 +3,11 @@
 Score matrices are ``[B, C]``: row ``i`` is sample ``i``'s candidate set with the positive in column 0
 (see :mod:`dcd.hard_negatives`).
 
-* distillation: ``"kl"`` -- ``T^2 * KL(softmax(t/T) || softmax(s/T))`` (Hinton); ``"mse"`` -- mean squared
-  difference of raw logits over the candidates (the reference's choice).
+* distillation: ``"kl"`` -- ``T^2 * KL(softmax(t/(tau*T)) || softmax(s/T))`` (Hinton, with ColBERTv2's
+  teacher-side scale ``tau``: a cross-encoder's raw logits make a near one-hot target, which carries no
+  more than the label); ``"mse"`` -- mean squared difference of raw logits over the candidates (the
+  reference's choice); ``"margin_mse"`` -- squared difference of the margins ``positive - negative``
+  (Hofstaetter et al.), free of the two models' offsets.
 * self-learning: ``"ce"`` -- softmax cross-entropy with the positive as the class (METER / ViLT
   fine-tuning); ``"bce"`` -- mean binary cross-entropy, label 1 for the positive and 0 for the rest
   (the reference's choice).
@@ -21,19 +24,25 @@ from torch import Tensor
 
 __all__ = ["DISTILL_LOSSES", "SELF_LOSSES", "distill_loss", "self_loss", "contrastive_loss", "gather_with_grad"]
 
-DISTILL_LOSSES = ("kl", "mse")
+DISTILL_LOSSES = ("kl", "mse", "margin_mse")
 SELF_LOSSES = ("ce", "bce")
 
 
-def distill_loss(student: Tensor, teacher: Tensor, kind: str = "kl", temperature: float = 1.0) -> Tensor:
-    """Per-sample distillation loss ``[B]`` between student and (detached) teacher logits ``[B, C]``."""
+def distill_loss(student: Tensor, teacher: Tensor, kind: str = "kl", temperature: float = 1.0,
+                 teacher_temperature: float = 1.0) -> Tensor:
+    """Per-sample distillation loss ``[B]`` between student and (detached) teacher logits ``[B, C]``.
+
+    ``teacher_temperature`` divides the teacher's logits only (KL): it sets how soft the target is.
+    """
     teacher = teacher.detach().to(student.dtype)
     if kind == "kl":
-        t_logp = torch.log_softmax(teacher / temperature, dim=-1)
+        t_logp = torch.log_softmax(teacher / (teacher_temperature * temperature), dim=-1)
         s_logp = torch.log_softmax(student / temperature, dim=-1)
         return temperature ** 2 * (t_logp.exp() * (t_logp - s_logp)).sum(-1)
     if kind == "mse":
         return ((student - teacher) ** 2).mean(-1)
+    if kind == "margin_mse":
+        return (((student[:, :1] - student[:, 1:]) - (teacher[:, :1] - teacher[:, 1:])) ** 2).mean(-1)
     raise ValueError(f"distill_loss must be one of {DISTILL_LOSSES}, not {kind!r}")
 
 

@@ -59,6 +59,8 @@ REFERENCE_NEGATIVES = {"coco": 15, "flickr30k": 63}
 #: third of each batch (effective size 13 of 32) and the DCD dual fell below the baseline (val RSUM 182 vs
 #: 262); T=4 (effective size 31) gave 266, T=4 with alpha 0.5 gave 276. Real data keeps the reference 0.2 / 1.
 EMBEDDED_ALPHA, EMBEDDED_ENTROPY_TEMPERATURE = 0.5, 4.0
+EMBEDDED_TEACHER_TEMPERATURE = 4.0
+EMBEDDED_ALPHA_SCHEDULE, EMBEDDED_ALPHA_END = "constant", None
 REFERENCE_ALPHA, REFERENCE_ENTROPY_TEMPERATURE = 0.2, 1.0
 #: embedded default's student batches: plain shuffled (1) or neighbour groups of this many images
 EMBEDDED_GROUP_SIZE = 1
@@ -86,10 +88,13 @@ class DistillSettings:
     directions: Tuple[str, ...] = ("i2t", "t2i")
     distill_loss: str = "kl"
     self_loss: str = "ce"
-    alpha: Optional[float] = None  # None: 0.5 embedded, 0.2 (the reference) on real data
+    alpha: Optional[float] = None  # None: embedded default, 0.2 (the reference) on real data
     temperature: float = 1.0
+    teacher_temperature: Optional[float] = None  # None: embedded default, 1 on real data
+    selection: str = "hardest"
+    contrastive_in_mix: bool = False
     entropy_temperature: Optional[float] = None  # None: 4 embedded, 1 (the reference) on real data
-    alpha_schedule: str = "constant"
+    alpha_schedule: Optional[str] = None  # None: embedded default, constant on real data
     alpha_end: Optional[float] = None
     dynamic: bool = True
     score_cache: bool = True
@@ -120,6 +125,13 @@ class DistillSettings:
                                     ("max_steps", self.max_steps)) if v is not None}
         return replace(base, **chosen)
 
+    def student_name(self, teacher: Optional[Scorer] = None) -> str:
+        """The dual student's registry name: given, the teacher's own towers (METER, real data) or the small one."""
+        if self.student:
+            return self.student
+        meter = teacher is not None and teacher.family == "meter"
+        return "dual" if self.data != "synthetic" and meter else students.SMALL_DUAL
+
     def student_group_size(self) -> int:
         """Images per neighbour group in the students' batches (1: plain shuffled batches)."""
         return _default(self.group_size, EMBEDDED_GROUP_SIZE if self.data == "synthetic" else 1)
@@ -128,8 +140,9 @@ class DistillSettings:
         """The method's settings; for the baseline (``use_teacher=False``) the knobs of the teacher's terms
         stay at their defaults: they do not act there, and changing them must not retrain the baseline."""
         if not use_teacher:
-            neutral = replace(self, alpha=None, temperature=1.0, entropy_temperature=None, alpha_schedule="constant",
-                              alpha_end=None, dynamic=True, distill_loss="kl")
+            neutral = replace(self, alpha=None, temperature=1.0, entropy_temperature=None, alpha_schedule=None,
+                              alpha_end=None, dynamic=True, distill_loss="kl", teacher_temperature=None,
+                              selection="hardest", contrastive_in_mix=False)
             return replace(neutral.dcd_config(use_teacher=True), use_teacher=False)
         embedded = self.data == "synthetic"
         negatives = self.num_negatives or (EMBEDDED_NEGATIVES if embedded else REFERENCE_NEGATIVES.get(self.data, 15))
@@ -139,9 +152,13 @@ class DistillSettings:
             directions=tuple(self.directions), distill_loss=self.distill_loss, self_loss=self.self_loss,
             alpha=_default(self.alpha, EMBEDDED_ALPHA if embedded else REFERENCE_ALPHA),
             temperature=self.temperature,
+            teacher_temperature=_default(self.teacher_temperature,
+                                         EMBEDDED_TEACHER_TEMPERATURE if embedded and self.distill_loss == "kl" else 1.0),
             entropy_temperature=_default(self.entropy_temperature,
                                          EMBEDDED_ENTROPY_TEMPERATURE if embedded else REFERENCE_ENTROPY_TEMPERATURE),
-            alpha_schedule=self.alpha_schedule, alpha_end=self.alpha_end, dynamic=self.dynamic,
+            alpha_schedule=_default(self.alpha_schedule, EMBEDDED_ALPHA_SCHEDULE if embedded else "constant"),
+            alpha_end=_default(self.alpha_end, EMBEDDED_ALPHA_END if embedded and self.alpha_schedule is None else None),
+            dynamic=self.dynamic, selection=self.selection, contrastive_in_mix=self.contrastive_in_mix,
             use_teacher=use_teacher,
         )
 
@@ -174,12 +191,10 @@ def build_dual(settings: DistillSettings, teacher: Scorer) -> Scorer:
     torch.manual_seed(settings.seed)
     if settings.student_checkpoint:
         return students.load_student(settings.student_checkpoint)
-    name = settings.student or ("dual" if settings.data != "synthetic" and teacher.family == "meter" else "dual_tiny")
+    name = settings.student_name(teacher)
     if name not in students.list_students():
         raise ValueError(f"--student {name!r} is not a registered student; known: {', '.join(students.list_students())}")
-    if name == "dual_tiny":
-        return students.create_student("dual_tiny", text_layers=2)  # the packaged MiniLM's first 2 layers
-    if name == "dual" and teacher.family == "meter":
+    if name == "dual" and teacher is not None and teacher.family == "meter":
         return students.create_student("dual", teacher=teacher)  # METER's own towers: pretrained offline
     return students.create_student(name)
 
@@ -193,7 +208,7 @@ def train_student(name: str, student: Scorer, teacher: Optional[Scorer], setting
     budget = settings.budget()
     dcd_config = settings.dcd_config(use_teacher=teacher is not None)
     group_size = settings.student_group_size()
-    recipe = {"budget": asdict(budget), "dcd": dcd_config.to_dict(), "group_size": group_size}
+    recipe = student_identity(student, teacher, settings, splits["train"], cache, dcd_config)
     # a stage trained (or half-trained) with other settings is cleared, never reused or resumed
     if claim_run_dir(out, recipe, is_main_process()) and summary_path.is_file() and (saved / "config.json").is_file():
         log.info("%s: reusing the finished student in %s", name, saved)
@@ -224,6 +239,28 @@ def train_student(name: str, student: Scorer, teacher: Optional[Scorer], setting
         student.save_pretrained(saved)
         summary_path.write_text(json.dumps(summary, indent=1))
     return student, summary
+
+
+def student_identity(student: Scorer, teacher: Optional[Scorer], settings: DistillSettings, train: CaptionSplit,
+                     cache=None, dcd_config: Optional[DCDConfig] = None) -> Dict[str, Any]:
+    """Everything that changes a trained student, as JSON: the key that decides whether it is reused.
+
+    The starting weights (fingerprint of the built student: architecture, checkpoint, init seed), the
+    teacher's weights, the training data, the candidate cache, the method, the budget, the batches, the
+    seed and the precision. Progress bars, worker counts and output paths are left out: they do not
+    change the result.
+    """
+    from .score_cache import teacher_fingerprint
+
+    dcd_config = dcd_config or settings.dcd_config(use_teacher=teacher is not None)
+    return {
+        "student": {"name": getattr(student, "family", type(student).__name__), "start": teacher_fingerprint(student)},
+        "teacher": teacher_fingerprint(teacher) if teacher is not None else None,
+        "data": {"source": str(train.source), "split": train.name, "captions": train.num_captions},
+        "score_cache": dict(cache.header) if cache is not None and teacher is not None else None,
+        "budget": asdict(settings.budget()), "dcd": dcd_config.to_dict(), "group_size": settings.student_group_size(),
+        "seed": settings.seed, "precision": settings.precision, "device_type": str(settings.device).split(":")[0],
+    }
 
 
 def equal_time_dual(seconds: float, splits: Dict[str, CaptionSplit], run_dir: Path, device: str = "cpu",
@@ -264,8 +301,9 @@ def teacher_score_cache(teacher: Scorer, settings: DistillSettings, train: Capti
     from .score_cache import TeacherScoreCache
 
     negatives = settings.dcd_config().num_negatives
+    near = negatives if settings.data == "synthetic" else 0  # half of each pool from caption-word neighbours
     return TeacherScoreCache.build(teacher, train, run_dir / "teacher_scores", pool_size=2 * negatives,
-                                   seed=settings.seed, device=settings.device, progress=settings.progress)
+                                   seed=0, device=settings.device, progress=settings.progress, near=near)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -309,6 +347,7 @@ def run_distill(settings: DistillSettings) -> Dict[str, Any]:
         "dcd", build_dual(settings, teacher), teacher, settings, splits, run_dir, cache)
     rerankers: Dict[str, Scorer] = {}
     if settings.fusion:
+        torch.manual_seed(settings.seed)  # its new heads: the same start whatever ran before
         fusion = students.create_student("fusion", teacher=teacher_model)
         trained["dcd fusion"], summaries["fusion"] = train_student("fusion", fusion, teacher, settings, splits,
                                                                    run_dir, cache)

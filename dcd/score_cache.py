@@ -35,7 +35,7 @@ from teachers.base import concat, to_device
 
 __all__ = ["StaleCacheError", "TeacherScoreCache", "teacher_fingerprint"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class StaleCacheError(ValueError):
@@ -85,20 +85,24 @@ class TeacherScoreCache:
     @classmethod
     def build(cls, teacher, split, directory: str | Path, pool_size: int = 63, seed: int = 0, batch_size: int = 32,
               device: str | torch.device = "cpu", progress: bool = True,
-              text_memory_bytes: int = 1 << 30) -> "TeacherScoreCache":
+              text_memory_bytes: int = 1 << 30, near: int = 0) -> "TeacherScoreCache":
         """Score every image's pool and every positive pair with ``teacher``; reuse a matching cache.
+
+        ``near``: that many of each pool's captions come from the image's caption-word neighbours
+        (:func:`~dcd.candidates.neighbour_captions`, where binding twins are), the rest at random; with
+        random pools alone the teacher's "hardest" negatives are mostly easy ones.
 
         ``text_memory_bytes``: how much caption text-feature memory to keep so that a caption met in several
         pools is encoded once (past it, captions are re-encoded per batch: same scores, more time).
         """
-        from dcd.candidates import random_captions
+        from dcd.candidates import neighbour_captions, random_captions
         from dcd.data import EvalImages
 
         directory = Path(directory)
         header = {
             "format": FORMAT_VERSION, "teacher": teacher_fingerprint(teacher), "split": split.name,
             "source": str(split.source), "num_images": split.num_images, "num_captions": split.num_captions,
-            "pool_size": pool_size, "seed": seed,
+            "pool_size": pool_size, "seed": seed, "near": near,
         }
         if (directory / "header.json").is_file():
             try:
@@ -108,7 +112,10 @@ class TeacherScoreCache:
         caption_image = split.caption_image_tensor()
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(seed)  # the pools depend on the seed only, not on the caller's RNG stream
-        pool = random_captions(torch.arange(split.num_images), caption_image, pool_size)
+        everyone = torch.arange(split.num_images)
+        pool = random_captions(everyone, caption_image, pool_size - near)
+        if near:
+            pool = torch.cat([neighbour_captions(split, everyone, near), pool], dim=1)
         torch.random.set_rng_state(generator_state)
 
         directory.parent.mkdir(parents=True, exist_ok=True)

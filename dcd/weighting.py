@@ -5,14 +5,19 @@ For sample i of a batch, with the teacher's logits over its candidate set (posit
     p_i   = softmax(teacher_logits_i / T)           teacher's belief over the candidates
     H_i   = -sum_j p_ij log p_ij                    its uncertainty
     w_i   = H_i / sum_k H_k                         entropy share, sums to 1 over the batch
-    r_i   = softmax_i((1 - w_i) ** 2)               sums to 1 over the batch
+    u_i   = H_i / log C                             entropy normalised by its maximum (C candidates), in [0, 1]
+    r_i   = softmax_i((1 - u_i) ** 2)               sums to 1 over the batch
 
     L = alpha * sum_i r_i * L_distill_i + (1 - alpha) * sum_i w_i * L_self_i
 
 A sample the teacher is unsure about (high entropy) leans on the ground truth (large w_i); one the
 teacher is confident about leans on imitation (large r_i). Unlike the reference code, where the
 distillation MSE is averaged over the batch before ``r`` multiplies it (so ``r`` has no effect), both
-weights here multiply per-sample losses. ``alpha`` may follow a schedule over training
+weights here multiply per-sample losses. The reference feeds the batch share ``w_i`` (about 1/B) into
+``r``; then ``(1 - w_i)^2`` is the same for every sample and ``r`` is uniform (measured: ``r*B`` within
+0.97-1.02 at B = 32). ``u_i`` keeps the formula's intent with a scale that does not vanish with the
+batch size: a confident sample (``u = 0``) gets up to ``e`` times the distillation weight of a
+maximally uncertain one (``u = 1``). ``alpha`` may follow a schedule over training
 (:class:`AlphaSchedule`).
 """
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["AlphaSchedule", "entropy_share", "distill_weights", "dynamic_weights", "uniform_weights"]
+__all__ = ["AlphaSchedule", "entropy_share", "normalised_entropy", "distill_weights", "dynamic_weights", "uniform_weights"]
 
 
 def entropy_share(teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
@@ -37,9 +42,16 @@ def entropy_share(teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
     return entropy / total
 
 
-def distill_weights(w: Tensor) -> Tensor:
-    """``r_i = softmax_i((1 - w_i)^2)``: the distillation weight of each sample."""
-    return torch.softmax((1.0 - w) ** 2, dim=0)
+def normalised_entropy(teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """``u_i = H_i / log C`` in [0, 1] from ``teacher_logits`` [B, C]."""
+    logp = torch.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return entropy / math.log(max(teacher_logits.shape[1], 2))
+
+
+def distill_weights(u: Tensor) -> Tensor:
+    """``r_i = softmax_i((1 - u_i)^2)``: the distillation weight of each sample."""
+    return torch.softmax((1.0 - u) ** 2, dim=0)
 
 
 def uniform_weights(batch: int, device=None) -> Tensor:
@@ -49,7 +61,7 @@ def uniform_weights(batch: int, device=None) -> Tensor:
 def dynamic_weights(teacher_logits: Tensor, temperature: float = 1.0) -> Tuple[Tensor, Tensor]:
     """``(w, r)``: self-learning and distillation weights of each sample (both sum to 1, no gradient)."""
     w = entropy_share(teacher_logits, temperature)
-    return w, distill_weights(w)
+    return w, distill_weights(normalised_entropy(teacher_logits, temperature))
 
 
 @dataclass

@@ -25,7 +25,7 @@ from typing import Callable, Dict, List, Optional
 from teachers.base import Scorer
 
 from . import hub
-from .dual import DualEncoder, DualEncoderConfig, dual_test, dual_tiny
+from .dual import SMALL_DUAL, DualEncoder, DualEncoderConfig, dual_minilm1_vit128x2, dual_test, dual_tiny
 from .fusion import FusionStudent, default_fusion_layers
 
 ENTRY_POINT_GROUP = "dcd.students"
@@ -104,6 +104,12 @@ def _dual(teacher: Optional[Scorer] = None, **config) -> DualEncoder:
 def _dual_tiny(teacher: Optional[Scorer] = None, **config) -> DualEncoder:
     _no_teacher("dual_tiny", teacher)
     return dual_tiny(**config)
+
+
+@register_student(SMALL_DUAL)
+def _dual_small(teacher: Optional[Scorer] = None, **config) -> DualEncoder:
+    _no_teacher(SMALL_DUAL, teacher)
+    return dual_minilm1_vit128x2(**config)
 
 
 @register_student("dual_test")

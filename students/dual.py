@@ -34,7 +34,8 @@ from teachers.tokenizers import load_tokenizer, minilm_path
 
 from . import hub
 
-__all__ = ["DualEncoder", "DualEncoderConfig", "dual_tiny", "dual_test", "truncate_text_layers"]
+__all__ = ["DualEncoder", "DualEncoderConfig", "SMALL_DUAL", "dual_minilm1_vit128x2", "dual_tiny", "dual_test",
+           "truncate_text_layers"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -49,6 +50,7 @@ class DualEncoderConfig:
     timm_model: str = "vit_tiny_patch16_224"
     timm_kwargs: Dict[str, Any] = field(default_factory=lambda: {"img_size": 64, "patch_size": 8, "depth": 4})
     image_checkpoint: Optional[str] = None  # local timm weights file, loaded when building pretrained towers
+    image_position_init: str = "default"  # "sincos": a from-scratch ViT's position table starts as the 2-D table
     image_size: int = 64
     image_mean: Optional[Tuple[float, float, float]] = None  # None: the timm model's own pretrained_cfg
     image_std: Optional[Tuple[float, float, float]] = None
@@ -203,10 +205,23 @@ class TimmImageTower(nn.Module):
             )
         else:
             self.model = timm.create_model(cfg.timm_model, pretrained=False, num_classes=0, **kwargs)
+            if cfg.image_position_init == "sincos":
+                _sincos_position_table(self.model)
         self.width = int(getattr(self.model, "head_hidden_size", None) or self.model.num_features)
 
     def forward(self, images: Inputs) -> Tensor:
         return self.model(images["pixel_values"])
+
+
+def _sincos_position_table(vit: nn.Module) -> None:
+    """Start a timm ViT's learned position table as the fixed 2-D sin-cos table (as the embedded teachers do)."""
+    from teachers.position_tables import sincos_2d
+
+    table = vit.pos_embed  # [1, tokens, width], class token first unless no_embed_class
+    grid = int(round((table.shape[1] - (0 if getattr(vit, "no_embed_class", False) else 1)) ** 0.5))
+    start = sincos_2d(grid, table.shape[-1], cls_token=table.shape[1] != grid * grid)
+    with torch.no_grad():
+        table.copy_(start[None])
 
 
 class MeterImageTower(nn.Module):
@@ -448,6 +463,20 @@ def _from_meter(cls, meter: nn.Module, embed_dim: int, **overrides) -> DualEncod
 def dual_tiny(**overrides) -> DualEncoder:
     """The embedded default: a 4-block ViT-Tiny at 64 px (random init) + the packaged pretrained MiniLM-L6."""
     return DualEncoder(DualEncoderConfig(), **overrides)
+
+
+#: the embedded students' size, strictly below the embedded METER teacher in every tower: a 2-block 128-wide
+#: ViT at patch 16 (the teacher's: 4 blocks) and the packaged MiniLM's first layer (the teacher's: 2 layers)
+SMALL_DUAL = "dual-minilm1-vit128x2"
+
+
+def dual_minilm1_vit128x2(**overrides) -> DualEncoder:
+    """The embedded benchmark's dual student: 2-block 128-wide ViT (64 px, patch 16) + MiniLM layer 1."""
+    config = DualEncoderConfig(
+        timm_kwargs={"img_size": 64, "patch_size": 16, "depth": 2, "embed_dim": 128, "num_heads": 2},
+        image_position_init="sincos", text_layers=1,
+    )
+    return DualEncoder(config, **overrides)
 
 
 def dual_test(**overrides) -> DualEncoder:

@@ -60,8 +60,9 @@ def test_dynamic_weights_formulas():
     w = entropy_share(logits)
     assert torch.allclose(w, h / h.sum())
     assert w.sum().item() == pytest.approx(1.0)
-    r = distill_weights(w)
-    assert torch.allclose(r, torch.softmax((1 - w) ** 2, 0))
+    _, r = dynamic_weights(logits)
+    u = h / math.log(3)  # entropy over its maximum: a scale that does not shrink with the batch size
+    assert torch.allclose(r, distill_weights(u)) and torch.allclose(r, torch.softmax((1 - u) ** 2, 0))
     assert w.argmax() == 1 and r.argmax() == 0  # unsure teacher -> self-learning; confident -> distillation
     w2, r2 = dynamic_weights(logits / 0.5, 1.0)
     assert torch.allclose(w2, entropy_share(logits, 0.5))

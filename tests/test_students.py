@@ -165,11 +165,26 @@ def test_dual_from_vilt_refused_clearly():
 
 
 # ============================================================================================ registry
+def test_small_dual_is_smaller_than_the_embedded_teacher_in_every_tower():
+    from teachers.meter import METER, METERConfig
+
+    small = create_student(students.SMALL_DUAL, pretrained=False)
+    teacher = METER(METERConfig.tiny())
+    assert len(small.visual.model.blocks) < teacher.config.vision_layers
+    assert small.visual.width <= teacher.config.vision_width
+    assert small.config.text_layers < teacher.config.text_config["num_hidden_layers"]
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in teacher.parameters())
+    # its position table starts as the 2-D sin-cos table, as the teacher's does
+    from teachers.position_tables import sincos_2d
+
+    assert torch.allclose(small.visual.model.pos_embed[0], sincos_2d(4, 128))
+
+
 def test_registry_create_list_and_unknown():
-    assert {"dual", "dual_tiny", "dual_test", "fusion"} <= set(students.list_students())
+    assert {"dual", "dual_tiny", "dual_test", "fusion", students.SMALL_DUAL} <= set(students.list_students())
     model = create_student("dual", **dual_test().config.to_dict())
     assert isinstance(model, DualEncoder) and model.config.embed_dim == 16
-    with pytest.raises(KeyError, match="dual, dual_test"):
+    with pytest.raises(KeyError, match="dual, dual-minilm1-vit128x2, dual_test"):
         create_student("no-such-student")
     with pytest.raises(ValueError, match="teacher"):
         create_student("fusion")

@@ -48,11 +48,11 @@ __all__ = [
     "COLOURS", "SHAPES", "DEFAULT_SIZES", "JSON_NAME", "MANIFEST_NAME",
 ]
 
-VERSION = 1
+VERSION = 2
 JSON_NAME = "dataset_synthetic.json"
 MANIFEST_NAME = "manifest.json"
 IMAGE_DIR = "images"
-DEFAULT_SIZES: Dict[str, int] = {"train": 1500, "val": 100, "test": 100}
+DEFAULT_SIZES: Dict[str, int] = {"train": 1500, "val": 500, "test": 500}
 DEFAULT_TWIN_FRACTION = 0.85
 MAX_TWINS = 5  # largest twin group
 

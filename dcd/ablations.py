@@ -1,0 +1,221 @@
+"""``dcd ablations`` / ``make ablations``: the compression experiment, one row per method, several seeds.
+
+Every row trains the same student architecture on the same data with the same budget, batches and
+seeds; only the method changes (:data:`METHODS`, the DCD paper's ablations plus the undistilled
+baseline). Each (student, method, seed) is trained by :func:`dcd.pipeline.train_student`, evaluated on
+the validation split (where choices are made) and the test split (reported only), and written as one
+JSON record, atomically, under ``<out>/records/``: a killed sweep resumes at the first missing record,
+and a record is reused only while the student's identity (:func:`dcd.pipeline.student_identity`) is
+unchanged. The teacher's test scores come from :func:`dcd.score_matrices.cached_score_matrix`.
+
+Outputs: ``compression.json`` (one record per trained model and one per teacher), ``compression.md``
+(mean +- std over seeds per row) and ``compression.png`` (test RSUM per method, teacher as a line).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+import students
+import teachers
+from teachers.base import Scorer, atomic_write
+
+from . import retrieval
+from .pipeline import (DistillSettings, build_dual, load_data, load_teacher, student_identity, teacher_score_cache,
+                       train_student)
+from .score_matrices import cached_score_matrix
+from .trainer import is_main_process
+
+log = logging.getLogger(__name__)
+
+__all__ = ["METHODS", "FUSION_METHODS", "run_ablations", "summarise", "markdown_table"]
+
+#: method -> the DistillSettings fields it changes from the DCD recipe (``None``: no teacher at all)
+METHODS: Dict[str, Optional[Dict[str, Any]]] = {
+    "baseline": None,
+    "vanilla_kd": {"selection": "random", "dynamic": False, "alpha_schedule": "constant"},
+    "dcd_random_negatives": {"selection": "random"},
+    "dcd_uniform_weights": {"dynamic": False},
+    "dcd_static_alpha": {"alpha_schedule": "constant"},
+    "dcd": {},
+}
+#: the rows trained for the fusion student (each one costs an exhaustive cross-encoder evaluation)
+FUSION_METHODS = ("baseline", "vanilla_kd", "dcd")
+METRICS = ("rsum", "i2t_r1", "t2i_r1", "binding")
+
+
+def _metric(metrics: Dict[str, float], name: str) -> Optional[float]:
+    return metrics.get(name)
+
+
+def _record(teacher_family: str, kind: str, method: str, seed: Optional[int], params: int,
+            val: Optional[Dict[str, float]], test: Dict[str, float], **extra) -> Dict[str, Any]:
+    record = {"teacher": teacher_family, "student": kind, "method": method, "seed": seed, "params": params}
+    for split, metrics in (("val", val), ("test", test)):
+        for name in METRICS:
+            if metrics is not None and _metric(metrics, name) is not None:
+                record[f"{split}_{name}"] = round(float(metrics[name]), 2)
+    record.update(extra)
+    return record
+
+
+def _params(model) -> int:
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+def _build_student(kind: str, settings: DistillSettings, teacher: Scorer, teacher_model) -> Scorer:
+    if kind == "dual":
+        return build_dual(settings, teacher)
+    if kind == "fusion":
+        import torch
+
+        torch.manual_seed(settings.seed)
+        return students.create_student("fusion", teacher=teacher_model)
+    raise ValueError(f"student kind must be 'dual' or 'fusion', not {kind!r}")
+
+
+def run_ablations(settings: DistillSettings, seeds: Sequence[int] = (0, 1, 2),
+                  methods: Iterable[str] = tuple(METHODS), kinds: Iterable[str] = ("dual",),
+                  out: Optional[Path] = None, results_json: Optional[Path] = None) -> List[Dict[str, Any]]:
+    """Train and evaluate every (student kind, method, seed); returns (and writes) all records."""
+    methods = list(methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")
+    root = Path(out or Path("runs") / f"ablations-{settings.teacher}")
+    root.mkdir(parents=True, exist_ok=True)
+    splits = load_data(settings)
+    teacher_model, teacher_info = load_teacher(settings, splits)
+    teacher = teachers.as_teacher(teacher_model).to(settings.device)
+    cache = teacher_score_cache(teacher, settings, splits["train"], root)
+    score_dir = Path(teacher_info.get("path", root / "teacher")).parent / "scores"
+    _, teacher_eval = cached_score_matrix(teacher, splits["eval"], score_dir, settings.device, settings.progress)
+    records = [_record(settings.teacher, "teacher", "teacher", None, _params(teacher_model), None,
+                       teacher_eval["metrics"], eval_seconds=teacher_eval["elapsed_s"])]
+
+    for kind in kinds:
+        for method in methods:
+            if kind == "fusion" and method not in FUSION_METHODS:
+                continue
+            for seed in seeds:
+                records.append(_one_run(kind, method, seed, settings, splits, teacher, teacher_model, cache, root))
+                if is_main_process():
+                    write_results(records, results_json or root / "compression.json")
+    return records
+
+
+def _one_run(kind: str, method: str, seed: int, settings: DistillSettings, splits, teacher, teacher_model, cache,
+             root: Path) -> Dict[str, Any]:
+    overrides = METHODS[method]
+    run_settings = replace(settings, seed=seed, **(overrides or {}))
+    use_teacher = overrides is not None
+    student = _build_student(kind, run_settings, teacher, teacher_model)
+    identity = student_identity(student, teacher if use_teacher else None, run_settings, splits["train"],
+                                cache if use_teacher else None)
+    path = root / "records" / f"{kind}-{method}-seed{seed}.json"
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored.get("identity") == json.loads(json.dumps(identity)):
+            log.info("%s %s seed %d: reusing %s", kind, method, seed, path)
+            return stored["record"]
+    started = time.time()
+    trained, summary = train_student(f"{kind}/{method}/seed{seed}", student, teacher if use_teacher else None,
+                                     run_settings, splits, root, cache if use_teacher else None)
+    val = retrieval.evaluate(trained, splits["val"], device=settings.device, progress=False)
+    test = retrieval.evaluate(trained, splits["eval"], device=settings.device, progress=False)
+    record = _record(settings.teacher, kind, method, seed, _params(trained), val, test,
+                     train_seconds=summary["train_seconds"], steps=summary["steps"],
+                     eval_seconds=round(test["elapsed_s"], 2), wall_seconds=round(time.time() - started, 1))
+    log.info("%s %s seed %d: val RSUM %.1f, test RSUM %.1f", kind, method, seed, val["rsum"], test["rsum"])
+    if is_main_process():
+        text = json.dumps({"identity": identity, "record": record}, indent=1, default=str)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    return record
+
+
+# ---------------------------------------------------------------------------------------------- report
+def summarise(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One row per (teacher, student, method): mean and std over seeds of each metric."""
+    groups: Dict[tuple, List[Dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault((r["teacher"], r["student"], r["method"]), []).append(r)
+    rows = []
+    for (teacher, student, method), group in groups.items():
+        row: Dict[str, Any] = {"teacher": teacher, "student": student, "method": method, "seeds": len(group),
+                               "params": group[0]["params"]}
+        for split in ("val", "test"):
+            for name in METRICS:
+                values = [r[f"{split}_{name}"] for r in group if f"{split}_{name}" in r]
+                if values:
+                    row[f"{split}_{name}"] = statistics.fmean(values)
+                    row[f"{split}_{name}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        rows.append(row)
+    return rows
+
+
+def markdown_table(records: List[Dict[str, Any]]) -> str:
+    """Mean +- std over seeds per row; the teacher first, then each student kind's methods."""
+    def cell(row, key):
+        if key not in row:
+            return ""
+        return f"{row[key]:.1f} ± {row[key + '_std']:.1f}" if row["seeds"] > 1 else f"{row[key]:.1f}"
+
+    lines = ["| teacher | student | method | params (M) | seeds | val RSUM | test RSUM | test i2t R@1 | "
+             "test t2i R@1 | test binding |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in summarise(records):
+        lines.append(f"| {row['teacher']} | {row['student']} | {row['method']} | {row['params'] / 1e6:.2f} | "
+                     f"{row['seeds']} | {cell(row, 'val_rsum')} | {cell(row, 'test_rsum')} | "
+                     f"{cell(row, 'test_i2t_r1')} | {cell(row, 'test_t2i_r1')} | {cell(row, 'test_binding')} |")
+    return "\n".join(lines)
+
+
+def plot(records: List[Dict[str, Any]], path: Path) -> Optional[Path]:
+    """Test RSUM (mean +- std) per method and student kind, the teacher as a horizontal line."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # matplotlib is a dependency; a broken install should not lose the JSON
+        return None
+    rows = summarise(records)
+    kinds = [k for k in ("dual", "fusion") if any(r["student"] == k for r in rows)]
+    if not kinds:
+        return None
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        mine = [r for r in rows if r["student"] == kind and "test_rsum" in r]
+        ax.bar(range(len(mine)), [r["test_rsum"] for r in mine], yerr=[r["test_rsum_std"] for r in mine],
+               color=["#999999" if r["method"] == "baseline" else "#3b75af" for r in mine], capsize=4)
+        ax.set_xticks(range(len(mine)), [r["method"] for r in mine], rotation=30, ha="right")
+        for t in (r for r in rows if r["method"] == "teacher"):
+            ax.axhline(t["test_rsum"], color="#c44e52", linestyle="--", label=f"{t['teacher']} teacher")
+        low = min([r["test_rsum"] - r["test_rsum_std"] for r in mine] or [0])
+        ax.set_ylim(max(0, low - 30), None)
+        ax.set_title(f"{kind} student: test RSUM, mean ± std over seeds")
+        ax.legend(loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_results(records: List[Dict[str, Any]], path: Path) -> None:
+    """``compression.json`` (records of every teacher in the file, this teacher's replaced), .md and .png."""
+    path = Path(path)
+    teacher_names = {r["teacher"] for r in records}
+    kept = []
+    if path.is_file():  # keep the other teacher's records (meter and vilt share the file)
+        kept = [r for r in json.loads(path.read_text())["records"] if r["teacher"] not in teacher_names]
+    everything = kept + records
+    text = json.dumps({"generated": time.strftime("%Y-%m-%d %H:%M"), "records": everything}, indent=1)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    table = markdown_table(everything)
+    atomic_write(path.with_suffix(".md"), lambda tmp: Path(tmp).write_text(table + "\n"))
+    plot(everything, path.with_suffix(".png"))

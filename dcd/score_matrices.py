@@ -1,0 +1,95 @@
+"""A cross-encoder's full evaluation score matrix, computed once and kept on disk.
+
+Exhaustive cross-encoder scoring is the expensive part of every table dcd prints: on the embedded test
+split (500 images x 2,500 captions) the embedded METER teacher needs about ten minutes of 2 CPU cores.
+Its matrix does not change between students, seeds and ablation rows, so it is stored as
+``<directory>/<split>.npy`` (float32 ``[n_images, n_texts]``) beside ``<split>.json``, which names the
+model (weights fingerprint), the split (source file, name, sizes) and holds the recall figures. A
+header that does not match is recomputed, never reused.
+
+From the matrix, recall (:func:`dcd.retrieval.recall_at_k`), binding accuracy and retrieve-then-rerank
+with the cached model as second stage (:func:`rerank_with_matrix`, any ``k``, no model call) are free.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Dict, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from teachers.base import Scorer, atomic_write
+
+from . import retrieval
+from .binding import binding_accumulator
+from .score_cache import teacher_fingerprint
+
+log = logging.getLogger(__name__)
+
+__all__ = ["cached_score_matrix", "metrics_from_matrix", "rerank_with_matrix"]
+
+
+def _header(model: Scorer, split) -> Dict[str, Any]:
+    return {"model": teacher_fingerprint(model), "split": split.name, "source": str(split.source),
+            "num_images": split.num_images, "num_captions": split.num_captions}
+
+
+def metrics_from_matrix(scores: Tensor, split) -> Dict[str, float]:
+    """Recall@K, RSUM and (on a split with twin groups) binding accuracy of a full score matrix."""
+    metrics = retrieval.recall_at_k(scores, split.caption_image_tensor())
+    binding = binding_accumulator(split)
+    if binding is not None:
+        binding.add_block(None, None, scores)
+        metrics.update(binding.compute())
+    return metrics
+
+
+def cached_score_matrix(model: Scorer, split, directory: str | Path, device: str = "cpu",
+                        progress: bool = True) -> Tuple[Tensor, Dict[str, Any]]:
+    """``(scores [n_images, n_texts], info)`` of ``model`` on ``split``: read from ``directory`` or computed.
+
+    ``info`` holds the header, the metrics of :func:`metrics_from_matrix` and ``elapsed_s``, the time the
+    exhaustive scoring took when it was computed (the figure a speed-up is measured against).
+    """
+    directory = Path(directory)
+    matrix_path, info_path = directory / f"{split.name}.npy", directory / f"{split.name}.json"
+    header = _header(model, split)
+    if info_path.is_file() and matrix_path.is_file():
+        info = json.loads(info_path.read_text())
+        if info.get("header") == header:
+            log.info("scores of %s: reusing %s", split.name, matrix_path)
+            return torch.from_numpy(np.load(matrix_path)), info
+        log.info("scores of %s: %s was made for another model or split; recomputing", split.name, matrix_path)
+    import time
+
+    started = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    try:
+        scores = retrieval.score_matrix(model, retrieval._eval_images(model, split, 64, 0), split.captions,
+                                        device=device, progress=progress)
+    finally:
+        model.train(was_training)
+    elapsed = time.perf_counter() - started
+    info = {"header": header, "metrics": metrics_from_matrix(scores, split), "elapsed_s": round(elapsed, 2)}
+    atomic_write(matrix_path, lambda tmp: _save_npy(tmp, scores.float().numpy()))
+    atomic_write(info_path, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=1)))
+    return scores, info
+
+
+def _save_npy(path: str, array: np.ndarray) -> None:
+    with open(path, "wb") as handle:  # a handle: np.save would append ".npy" to a temporary name
+        np.save(handle, array)
+
+
+def rerank_with_matrix(first_stage: Tensor, second_stage: Tensor, split, k: int) -> Dict[str, float]:
+    """Recall of re-ranking ``first_stage``'s top ``k`` by the precomputed ``second_stage`` matrix."""
+    second = second_stage.float()
+
+    def pairs(image_index: Tensor, text_index: Tensor) -> Tensor:
+        return second[image_index, text_index]
+
+    return retrieval.rerank(first_stage, pairs, split.caption_image_tensor(), k=k)

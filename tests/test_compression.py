@@ -1,0 +1,230 @@
+"""The compression experiment's pieces: the loss mix, teacher temperature, candidate selection, weights that
+act, alpha schedules end to end, stage identities, cached evaluation matrices and the ablation runner."""
+import json
+import math
+
+import pytest
+import torch
+
+import dcd
+import students
+from dcd import ablations, pipeline, score_matrices
+from dcd.data import build_synthetic, load_karpathy
+from dcd.losses import distill_loss
+from dcd.pipeline import DistillSettings, student_identity, train_student
+from dcd.weighting import dynamic_weights
+from teachers import as_teacher
+from teachers.meter import meter_test
+
+
+@pytest.fixture(scope="module")
+def data_json(tmp_path_factory):
+    return build_synthetic(tmp_path_factory.mktemp("data"), sizes=(16, 4, 4), image_size=32)
+
+
+@pytest.fixture(scope="module")
+def splits(data_json):
+    return {role: load_karpathy(data_json, split=name) for role, name in (("train", "train"), ("val", "val"),
+                                                                          ("eval", "test"))}
+
+
+def _settings(data_json, tmp_path, **overrides):
+    base = dict(data=str(data_json), student="dual_test", progress=False, max_steps=2, epochs=1, batch_size=4,
+                num_negatives=4, num_hard=2, out=str(tmp_path / "run"))
+    return DistillSettings(**{**base, **overrides})
+
+
+# ------------------------------------------------------------------------------------------ losses and weights
+def test_teacher_temperature_softens_only_the_target():
+    teacher = torch.tensor([[8.0, -4.0, -4.0, -4.0]])
+    student = torch.tensor([[1.0, 0.5, 0.0, 0.0]])
+    sharp = distill_loss(student, teacher, "kl")
+    soft = distill_loss(student, teacher, "kl", teacher_temperature=6.0)
+    target = torch.softmax(teacher / 6.0, -1)
+    expected = (target * (target.log() - torch.log_softmax(student, -1))).sum()
+    assert torch.allclose(soft, expected[None]) and not torch.allclose(sharp, soft)
+
+
+def test_margin_mse_ignores_offsets():
+    teacher = torch.tensor([[5.0, 1.0, 2.0]])
+    assert distill_loss(teacher - 3.0, teacher, "margin_mse").item() == pytest.approx(0.0)
+    assert distill_loss(teacher * 2, teacher, "margin_mse").item() > 0
+
+
+def test_temperature_with_mse_is_an_error():
+    with pytest.raises(ValueError, match="KL loss only"):
+        dcd.DCDConfig(distill_loss="mse", teacher_temperature=4.0)
+
+
+def test_distillation_weights_spread_at_a_real_batch_size():
+    """The reference's r is uniform at B=32 (finding 4 of the review); ours must vary with the teacher's certainty."""
+    confident = torch.tensor([10.0, 0.0, 0.0, 0.0]).repeat(16, 1)
+    unsure = torch.zeros(16, 4)
+    w, r = dynamic_weights(torch.cat([confident, unsure]))
+    assert r.sum().item() == pytest.approx(1.0) and w.sum().item() == pytest.approx(1.0)
+    assert r[:16].min() / r[16:].max() > 2.5  # close to e: confident samples lean on the teacher
+    assert w[16:].min() > w[:16].max()  # unsure samples lean on the label
+
+
+def test_contrastive_loss_is_outside_the_alpha_mix(data_json, splits):
+    train = splits["train"]
+    meter = meter_test()
+
+    def loss_parts(**config):
+        torch.manual_seed(0)
+        distiller = dcd.wrap(meter, students.dual_test(pretrained=False), captions=train.captions,
+                             caption_image=train.caption_image_tensor(), num_negatives=4, num_hard=2, **config)
+        from dcd.data import TrainPairs
+
+        pairs = TrainPairs(train, distiller.transforms())
+        batch = distiller.collate()([pairs[i * 5] for i in range(6)])
+        torch.manual_seed(1)
+        return distiller(batch)
+
+    alpha = 0.3
+    outside = loss_parts(alpha=alpha)
+    assert torch.allclose(outside["loss"], outside["contrastive"] + alpha * outside["distill"]
+                          + (1 - alpha) * outside["self"], atol=1e-5)
+    inside = loss_parts(alpha=alpha, contrastive_in_mix=True)
+    assert torch.allclose(inside["loss"], alpha * inside["distill"]
+                          + (1 - alpha) * (inside["self"] + inside["contrastive"]), atol=1e-5)
+
+
+@pytest.mark.parametrize("selection", ["hardest", "random", "all"])
+def test_candidate_selection(selection):
+    from dcd.distiller import _select
+
+    scores = torch.tensor([[0.0, 1.0, 5.0, 3.0, 2.0]]).repeat(50, 1)
+    keep = _select(scores, 2, selection)
+    assert (keep[:, 0] == 0).all()
+    if selection == "hardest":
+        assert keep[0].tolist() == [0, 2, 3]
+    elif selection == "all":
+        assert keep.shape == (50, 5)
+    else:  # k distinct random negatives: sometimes not the teacher's hardest
+        assert keep.shape == (50, 3) and (keep[:, 1] != keep[:, 2]).all()
+        assert len({tuple(row) for row in keep[:, 1:].sort(1).values.tolist()}) > 1
+
+
+# ------------------------------------------------------------------------------------------ alpha schedules
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_alpha_schedule_trains_end_to_end(data_json, tmp_path, schedule):
+    """`dcd distill --alpha-schedule linear|cosine` used to fail before training on a missing total_steps."""
+    from dcd import cli
+
+    teacher_dir = tmp_path / "teacher"
+    meter_test().save_pretrained(teacher_dir)
+    cli.main(["distill", "--teacher", "meter", "--teacher-checkpoint", str(teacher_dir), "--data", str(data_json),
+              "--student", "dual_test", "--out", str(tmp_path / "run"), "--max-steps", "3", "--batch-size", "4",
+              "--epochs", "1", "--num-negatives", "4", "--num-hard", "2", "--no-fusion", "--no-baseline",
+              "--alpha", "0.6", "--alpha-end", "0.0", "--alpha-schedule", schedule])
+    log = [json.loads(line) for line in (tmp_path / "run" / "dcd" / "metrics.jsonl").read_text().splitlines()]
+    alphas = [r["alpha"] for r in log if "alpha" in r]
+    # the log averages alpha over its steps: 0.6 for a constant alpha, lower as it moves towards 0
+    assert alphas and 0.0 < alphas[-1] < 0.6 - 1e-3
+    summary = json.loads((tmp_path / "run" / "dcd" / "summary.json").read_text())
+    assert summary["dcd"]["alpha_schedule"] == schedule
+
+
+# ------------------------------------------------------------------------------------------ stage identity
+def test_stage_identity_retrains_on_every_setting_that_changes_the_student(data_json, splits, tmp_path):
+    teacher = as_teacher(meter_test())
+
+    def train(**overrides):
+        settings = _settings(data_json, tmp_path, **overrides)
+        student = pipeline.build_dual(settings, teacher)
+        _, summary = train_student("dcd", student, teacher, settings, splits, tmp_path / "run")
+        return summary
+
+    first = train()
+    assert train(progress=False, num_workers=0) == first  # nothing that shapes the student changed: reused
+    train(seed=1)
+    seeded = json.loads((tmp_path / "run" / "dcd" / "recipe.json").read_text())
+    assert seeded["seed"] == 1
+    # a student checkpoint is another start: retrained
+    saved = tmp_path / "start"
+    students.dual_test(pretrained=False).save_pretrained(saved)
+    train(student_checkpoint=str(saved))
+    from_checkpoint = json.loads((tmp_path / "run" / "dcd" / "recipe.json").read_text())
+    assert from_checkpoint["student"]["start"] != seeded["student"]["start"]
+    # precision and another teacher are part of it too
+    settings = _settings(data_json, tmp_path)
+    student = pipeline.build_dual(settings, teacher)
+    base = student_identity(student, teacher, settings, splits["train"])
+    assert student_identity(student, teacher, _settings(data_json, tmp_path, precision="fp32"),
+                            splits["train"]) != base
+    torch.manual_seed(5)
+    other_teacher = as_teacher(meter_test())
+    assert student_identity(student, other_teacher, settings, splits["train"]) != base
+    assert student_identity(student, teacher, _settings(data_json, tmp_path, progress=True), splits["train"]) == base
+
+
+def test_changing_the_seed_retrains(data_json, splits, tmp_path):
+    markers = []
+    for seed in (0, 0, 1):
+        settings = _settings(data_json, tmp_path, seed=seed)
+        trained, _ = train_student("baseline", pipeline.build_dual(settings, None), None, settings, splits,
+                                   tmp_path / "run")
+        markers.append((tmp_path / "run" / "baseline" / "metrics.jsonl").stat().st_mtime_ns)
+    assert markers[0] == markers[1] and markers[2] != markers[1]
+
+
+# ------------------------------------------------------------------------------------------ evaluation cache
+def test_cached_score_matrix_is_reused_and_rerank_matches(splits, tmp_path):
+    from dcd import retrieval
+
+    split = splits["eval"]
+    teacher = as_teacher(meter_test())
+    scores, info = score_matrices.cached_score_matrix(teacher, split, tmp_path / "scores", progress=False)
+    live = retrieval.evaluate(teacher, split, progress=False)
+    assert info["metrics"]["rsum"] == pytest.approx(live["rsum"])
+    again, info2 = score_matrices.cached_score_matrix(teacher, split, tmp_path / "scores", progress=False)
+    assert torch.equal(scores, again) and info2 == info
+    torch.manual_seed(3)
+    _, other = score_matrices.cached_score_matrix(as_teacher(meter_test()), split, tmp_path / "scores", progress=False)
+    assert other["header"]["model"] != info["header"]["model"]  # another model: recomputed, not reused
+    # re-ranking all candidates with the model's own matrix gives the model's own recall
+    first = torch.randn_like(scores)
+    full = score_matrices.rerank_with_matrix(first, again, split, k=max(scores.shape))
+    assert full["rsum"] == pytest.approx(info["metrics"]["rsum"])
+
+
+# ------------------------------------------------------------------------------------------ ablation runner
+def test_ablation_runner_records_every_row_and_resumes(data_json, tmp_path):
+    teacher_dir = tmp_path / "teacher"
+    meter_test().save_pretrained(teacher_dir)
+    settings = _settings(data_json, tmp_path, teacher_checkpoint=str(teacher_dir), eval_split="test")
+    out = tmp_path / "ablations"
+    results = tmp_path / "compression.json"
+    methods = ["baseline", "vanilla_kd", "dcd"]
+    records = ablations.run_ablations(settings, seeds=(0, 1), methods=methods, kinds=("dual",), out=out,
+                                      results_json=results)
+    stored = json.loads(results.read_text())["records"]
+    assert stored == records
+    teacher_rows = [r for r in stored if r["method"] == "teacher"]
+    assert len(teacher_rows) == 1 and "test_rsum" in teacher_rows[0]
+    rows = [r for r in stored if r["method"] != "teacher"]
+    assert sorted((r["method"], r["seed"]) for r in rows) == sorted((m, s) for m in methods for s in (0, 1))
+    for r in rows:
+        for key in ("teacher", "student", "method", "seed", "test_rsum", "test_i2t_r1", "test_t2i_r1", "params",
+                    "val_rsum"):
+            assert key in r, key
+        assert r["student"] == "dual" and r["params"] < teacher_rows[0]["params"]
+    table = results.with_suffix(".md").read_text()
+    assert "± " in table and "vanilla_kd" in table
+    assert results.with_suffix(".png").is_file()
+    # a second run trains nothing: every record is reused
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "records").iterdir()}
+    again = ablations.run_ablations(settings, seeds=(0, 1), methods=methods, kinds=("dual",), out=out,
+                                    results_json=results)
+    assert again == records and mtimes == {p: p.stat().st_mtime_ns for p in (out / "records").iterdir()}
+    with pytest.raises(ValueError, match="unknown method"):
+        ablations.run_ablations(settings, methods=["dcd_magic"], out=out)
+
+
+def test_summary_means_and_stds():
+    records = [{"teacher": "meter", "student": "dual", "method": "dcd", "seed": s, "params": 10, "test_rsum": v}
+               for s, v in enumerate((400.0, 410.0, 420.0))]
+    (row,) = ablations.summarise(records)
+    assert row["test_rsum"] == pytest.approx(410.0) and row["test_rsum_std"] == pytest.approx(10.0)
+    assert math.isfinite(row["test_rsum_std"]) and row["seeds"] == 3
