@@ -1,4 +1,4 @@
-"""``dcd`` command line: ``dcd data``, ``dcd teacher``, ``dcd distill``, ``dcd eval``.
+"""``dcd`` command line: ``dcd data``, ``dcd teacher``, ``dcd distill``, ``dcd eval``, ``dcd index``, ``dcd search``.
 
 The Makefile variables map onto these options (``make distill TEACHER=vilt DATA=coco ...``). Under
 ``torchrun`` the process group is initialised from the environment (gloo on CPU, nccl on CUDA) and
@@ -98,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--rerank", help="second-stage model (same syntax) re-ranking the top --k of the first")
     p.add_argument("--k", type=int, default=16)
+
+    from .index.commands import add_index_parser, add_search_parser
+
+    add_index_parser(sub)
+    add_search_parser(sub)
     return parser
 
 
@@ -180,6 +185,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
 
     _check_device(args.device)
+    if args.command in ("index", "search"):
+        from .index.commands import run
+
+        return run(args)
+
     if args.command == "teacher":
         from .data import load_split
         from .teacher_training import embedded_teacher
