@@ -18,7 +18,9 @@ DISTILL_FLAGS = --teacher $(TEACHER) --data $(DATA) $(if $(STUDENT),--student $(
 	$(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(if $(TEACHER_CKPT),--teacher-checkpoint $(TEACHER_CKPT)) \
 	$(if $(OUT),--out $(OUT)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(ARGS)
 
-.PHONY: install test distill teacher bench data clean
+SEEDS        ?= 0,1,2
+
+.PHONY: install test distill ablations teacher bench data clean
 
 install: $(STAMP)
 
@@ -35,6 +37,11 @@ test: install
 
 distill: install
 	$(BIN)/dcd distill $(DISTILL_FLAGS)
+
+# the compression experiment: every ablation row over SEEDS -> benchmarks/results/compression.{json,md,png}
+ablations: install
+	$(BIN)/dcd ablations --teacher $(TEACHER) --data $(DATA) --device $(DEVICE) --seeds $(SEEDS) \
+		$(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(if $(TEACHER_CKPT),--teacher-checkpoint $(TEACHER_CKPT)) $(ARGS)
 
 teacher: install
 	$(BIN)/dcd teacher --teacher $(TEACHER) --data $(DATA) --device $(DEVICE) \

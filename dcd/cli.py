@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 import logging
 import os
 import sys
@@ -68,6 +69,16 @@ def _distill_options(p: argparse.ArgumentParser) -> None:
     m.add_argument("--rerank-k", type=int, default=d.rerank_k, help="dual-student candidates re-ranked per query")
 
 
+def _ablation_methods() -> List[str]:
+    from .ablations import METHODS
+
+    return list(METHODS)
+
+
+def _csv(text: str) -> List[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dcd", description="Dynamic Contrastive Distillation for image-text retrieval",
                                      allow_abbrev=False)
@@ -89,6 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill", allow_abbrev=False, help="data -> teacher -> baseline / DCD students -> recall and speed table",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _distill_options(p)
+
+    p = sub.add_parser("ablations", allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       help="the compression experiment: baseline, vanilla KD and DCD ablations over seeds -> "
+                            "benchmarks/results/compression.json, .md, .png")
+    _distill_options(p)
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds, one trained student per seed and row")
+    p.add_argument("--methods", default="all", help="comma-separated rows (all: " + ", ".join(_ablation_methods()) + ")")
+    p.add_argument("--students", default="dual", help="student kinds: dual | fusion | dual,fusion")
+    p.add_argument("--results", default="benchmarks/results/compression.json", help="where the records are written")
 
     p = sub.add_parser("eval", allow_abbrev=False, help="Recall@K of a saved student, a teacher checkpoint or the embedded teacher")
     p.add_argument("model", help="student directory (save_pretrained), or teacher:<family>[:<checkpoint>]")
@@ -172,9 +192,20 @@ def _teacher_vs_dual(family: str, teacher: dict, dual: dict, split: str) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Parse and run; bad input ends with one line ``dcd: error: ...`` (``-v``: the full traceback)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return _run(args)
+    except (ValueError, KeyError, OSError, RuntimeError) as err:
+        if args.verbose:
+            raise
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        raise SystemExit(f"dcd: error: {' '.join(str(message).split())}") from None
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "data":
         from .data import build_synthetic, load_split
 
@@ -229,9 +260,28 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from .pipeline import DistillSettings, run_distill
 
+    sweep = {k: vars(args).pop(k) for k in ("seeds", "methods", "students", "results") if k in vars(args)}
     options = {k: v for k, v in vars(args).items() if k not in ("command", "verbose")}
-    options["directions"] = tuple(x.strip() for x in options["directions"].split(",") if x.strip())
+    options["directions"] = tuple(_csv(options["directions"]))
     options["device"] = _init_distributed(options["device"])
+    if args.command == "ablations":
+        from pathlib import Path
+
+        from .ablations import markdown_table, run_ablations
+
+        methods = _ablation_methods() if sweep["methods"] == "all" else _csv(sweep["methods"])
+        try:
+            seeds = [int(x) for x in _csv(sweep["seeds"])]
+        except ValueError:
+            raise SystemExit(f"dcd: error: --seeds takes comma-separated integers, got {sweep['seeds']!r}")
+        settings = DistillSettings(**options)
+        out = Path(settings.out) if settings.out else Path("runs") / f"ablations-{settings.teacher}"
+        records = run_ablations(replace(settings, out=None), seeds=seeds, methods=methods,
+                                kinds=_csv(sweep["students"]), out=out, results_json=Path(sweep["results"]))
+        print(markdown_table(records))
+        print(f"written: {sweep['results']} (and .md, .png)")
+        _shutdown_distributed()
+        return 0
     run_distill(DistillSettings(**options))
     _shutdown_distributed()  # on success only: after an error, torchrun stops the other ranks
     return 0
