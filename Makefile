@@ -20,7 +20,7 @@ DISTILL_FLAGS = --teacher $(TEACHER) --data $(DATA) $(if $(STUDENT),--student $(
 
 SEEDS        ?= 0,1,2
 
-.PHONY: install test distill ablations teacher bench data clean
+.PHONY: install test distill ablations teacher bench bench-index data clean
 
 install: $(STAMP)
 
@@ -49,6 +49,10 @@ teacher: install
 
 bench: install
 	$(BIN)/python benchmarks/latency.py --device $(DEVICE) $(ARGS)
+
+# FAISS flat / HNSW / IVF-PQ at 100k and 1M vectors (10M projected): writes benchmarks/results/index.json and the plot
+bench-index: install
+	$(BIN)/python benchmarks/index.py $(ARGS)
 
 data: install
 	$(BIN)/dcd data $(ARGS)

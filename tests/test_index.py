@@ -294,3 +294,31 @@ def test_torchrun_ranks_encode_shards_that_merge_into_the_single_process_index(w
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("8 indexed, 2 skipped") == 1  # rank 0 reports
     assert _files(tmp_path / "two") == _files(tmp_path / "single")
+
+
+def test_benchmark_quick_run_writes_table_json_and_plot(world, tmp_path, capsys):
+    import importlib.util
+
+    from dcd.data import build_synthetic
+
+    spec = importlib.util.spec_from_file_location("index_bench", Path(__file__).resolve().parents[1] / "benchmarks"
+                                                  / "index.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    data = build_synthetic(tmp_path / "data", sizes=(4, 2, 4), image_size=32)
+    teacher = tmp_path / "teacher"
+    meter_test().save_pretrained(teacher)
+    out = tmp_path / "results"
+    assert bench.main(["--quick", "--sizes", "300,600", "--out", str(out), "--student", str(world["student"]),
+                       "--teacher-checkpoint", str(teacher), "--e2e-data", str(data)]) == 0
+    report = json.loads((out / "index.json").read_text())
+    assert report["dim"] == 16 and [s["items"] for s in report["sizes"]] == [300, 600]
+    rows = report["sizes"][-1]["rows"]
+    assert {r["index"] for r in rows} == {"flat", "hnsw", "ivfpq"}
+    assert all(0 <= r["recall_at_10"] <= 1 and r["p99_ms"] >= r["p50_ms"] > 0 for r in rows)
+    assert next(r for r in rows if r["index"] == "flat")["recall_at_10"] == 1.0
+    assert [r["items"] for r in report["projection"]] == [6000] * 3
+    assert report["end_to_end"]["trained"] and report["end_to_end"]["dual + teacher rerank"]["p50_ms"] > 0
+    assert (out / "index_recall_latency.png").stat().st_size > 10_000
+    printed = capsys.readouterr().out
+    assert "recall@10" in printed and "HNSW at 600" in printed

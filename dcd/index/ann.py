@@ -41,10 +41,10 @@ class AnnParams:
     hnsw_m: int = 32
     ef_construction: int = 80
     ef_search: int = 128
-    nlist: Optional[int] = None  # default 4 * sqrt(n), at most n / 39 (FAISS's k-means wants 39 points a cell)
+    nlist: Optional[int] = None  # default sqrt(n), at most n / 39 (FAISS's k-means wants 39 points a cell)
     nprobe: int = 32
-    pq_bytes: Optional[int] = None  # default: the largest divisor of d at most d / 4
-    refine: int = 4
+    pq_bytes: Optional[int] = None  # default: the largest divisor of d at most d / 8 (4-d sub-vectors train slowly)
+    refine: int = 10
 
     def resolve(self, n: int, dim: int) -> Dict[str, Any]:
         """The concrete spec for ``n`` vectors of dimension ``dim``; bad values raise naming the option."""
@@ -64,8 +64,8 @@ class AnnParams:
         if n < 256:
             raise ValueError(f"--index-type ivfpq needs at least 256 vectors to train its codebooks, this corpus has "
                              f"{n}; use --index-type flat")
-        nlist = self.nlist or max(1, min(int(round(4 * math.sqrt(n))), n // 39))
-        pq_bytes = self.pq_bytes or max(m for m in range(1, max(1, dim // 4) + 1) if dim % m == 0)
+        nlist = self.nlist or max(1, min(int(round(math.sqrt(n))), n // 39))
+        pq_bytes = self.pq_bytes or max(m for m in range(1, max(1, dim // 8) + 1) if dim % m == 0)
         _positive(nlist=nlist, pq_bytes=pq_bytes)
         if nlist > n:
             raise ValueError(f"--nlist {nlist} exceeds the {n} vectors to cluster")

@@ -1,7 +1,8 @@
 """``dcd index`` and ``dcd search``: their options and what they run (``dcd/cli.py`` adds and dispatches them).
 
 Bad input (a missing folder or index, an empty query, a student that did not build the index, a bad
-option value) ends the command with one line, ``dcd: error: ...``, and exit status 1.
+option value) raises a ``ValueError`` (``DataError``) or ``OSError`` naming it, which ``dcd.cli.main``
+turns into one line, ``dcd: error: ...``, and exit status 1.
 """
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import json
 import sys
 from typing import Optional, Tuple
 
-from ..data import DataError
 from .ann import INDEX_TYPES, AnnParams
 
 __all__ = ["add_index_parser", "add_search_parser", "run"]
@@ -44,10 +44,10 @@ def add_index_parser(sub) -> argparse.ArgumentParser:
     a.add_argument("--ef-construction", type=int, default=_DEFAULTS.ef_construction, help="HNSW: build beam width")
     a.add_argument("--ef-search", type=int, default=_DEFAULTS.ef_search,
                    help="HNSW: search beam width (recall against speed); dcd search can override it")
-    a.add_argument("--nlist", type=int, help="IVF-PQ: k-means cells (default 4 sqrt(n))")
+    a.add_argument("--nlist", type=int, help="IVF-PQ: k-means cells (default sqrt(n))")
     a.add_argument("--nprobe", type=int, default=_DEFAULTS.nprobe, help="IVF-PQ: cells visited per query")
     a.add_argument("--pq-bytes", type=int, help="IVF-PQ: bytes per compressed vector; divides the dimension "
-                   "(default: the largest divisor of d at most d/4)")
+                   "(default: the largest divisor of d at most d/8)")
     a.add_argument("--refine", type=int, default=_DEFAULTS.refine,
                    help="IVF-PQ: re-score this many times k candidates exactly from the stored vectors (1: off)")
     e = p.add_argument_group("encoding")
@@ -93,12 +93,8 @@ def add_search_parser(sub) -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------------------------------- running
 def run(args: argparse.Namespace) -> int:
-    """Run ``dcd index`` / ``dcd search``; bad input becomes ``dcd: error: <one line>``."""
-    try:
-        return _index(args) if args.command == "index" else _search(args)
-    except (DataError, ValueError, KeyError, FileNotFoundError, NotADirectoryError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-        raise SystemExit(f"dcd: error: {' '.join(str(message).split())}") from None
+    """Run ``dcd index`` / ``dcd search``."""
+    return _index(args) if args.command == "index" else _search(args)
 
 
 def _index(args: argparse.Namespace) -> int:
