@@ -322,3 +322,36 @@ def test_benchmark_quick_run_writes_table_json_and_plot(world, tmp_path, capsys)
     assert (out / "index_recall_latency.png").stat().st_size > 10_000
     printed = capsys.readouterr().out
     assert "recall@10" in printed and "HNSW at 600" in printed
+
+
+@pytest.mark.slow
+def test_distill_then_index_the_test_images_and_search_a_caption_with_teacher_rerank(tmp_path, capsys):
+    """The issue's acceptance path on tiny settings: dcd distill -> dcd index (test split) -> dcd search, with and
+    without teacher re-ranking. Two training steps learn nothing, so this checks the path and the plumbing; that a
+    trained student finds a caption's image is test_a_caption_finds_its_own_image_and_an_image_its_own_caption."""
+    from dcd.data import build_synthetic, load_karpathy
+
+    data = build_synthetic(tmp_path / "data", sizes=(24, 4, 12), image_size=32)
+    teacher = tmp_path / "teacher"
+    meter_test().save_pretrained(teacher)
+    run = tmp_path / "run"
+    cli.main(["distill", "--teacher", "meter", "--teacher-checkpoint", str(teacher), "--data", str(data), "--out",
+              str(run), "--max-steps", "2", "--batch-size", "8", "--epochs", "1", "--num-negatives", "4",
+              "--num-hard", "2", "--rerank-k", "3", "--no-baseline", "--no-fusion"])
+    student = run / "dcd" / "student"
+    cli.main(["index", str(tmp_path / "idx"), "--student", str(student), "--data", str(data), "--split", "test",
+              "--no-progress"])
+    meta = json.loads((tmp_path / "idx" / "index.json").read_text())
+    assert meta["student"]["recipe"] is not None  # the stage's training recipe travels with the index
+    assert meta["modalities"]["images"]["count"] == 12 and meta["modalities"]["texts"]["count"] == 60
+    test = load_karpathy(data, split="test")
+    capsys.readouterr()
+    cli.main(["search", str(tmp_path / "idx"), test.captions[7], "-k", "12", "--json"])
+    first = json.loads(capsys.readouterr().out)["hits"]
+    assert sorted(h["item"]["path"] for h in first) == sorted(map(str, test.image_paths))
+    cli.main(["search", str(tmp_path / "idx"), test.captions[7], "-k", "10", "--json", "--rerank", "teacher",
+              "--teacher-checkpoint", str(teacher), "--rerank-k", "12"])
+    reranked = json.loads(capsys.readouterr().out)["hits"]
+    assert len(reranked) == 10 and [h["score"] for h in reranked] == sorted((h["score"] for h in reranked), reverse=True)
+    by_id = {h["id"]: h["score"] for h in first}
+    assert all(h["retrieval_score"] == pytest.approx(by_id[h["id"]]) for h in reranked)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -50,7 +51,7 @@ class Corpus:
     def __len__(self) -> int:
         return len(self.items)
 
-    @property
+    @cached_property
     def values(self) -> List[str]:
         """Image paths or captions, in item order."""
         key = "path" if self.modality == "images" else "caption"

@@ -65,6 +65,14 @@ class Hits:
         return {"query": self.query, "target": self.target, "reranked_by": self.reranked_by, "hits": hits}
 
 
+def _earlier_modalities(path: Path) -> Dict[str, Any]:
+    """What an earlier build of ``path`` recorded per modality (nothing if there was none, or it is unreadable)."""
+    try:
+        return store.read_meta(path).get("modalities", {}) if (path / store.META_NAME).is_file() else {}
+    except store.IndexFileError:
+        return {}
+
+
 def _distributed():
     """``(rank, world_size, barrier)`` under torchrun, else ``(0, 1, no-op)``."""
     import torch.distributed as dist
@@ -127,14 +135,16 @@ class Index:
             store.prepare_dir(path)
         barrier()
         identity = student_identity(student, student_path)
-        old = store.read_meta(path).get("modalities", {}) if (path / store.META_NAME).is_file() else {}
+        old = _earlier_modalities(path)
         modalities: Dict[str, Any] = {}
         for corpus in corpora:
             directory = path / corpus.modality
             recipe = {"format": store.FORMAT, "student": identity["weights_sha256"], "corpus": corpus.fingerprint(),
                       "chunk_size": chunk_size}
-            reused = claim_run_dir(directory, recipe, main) and (directory / store.VECTORS).is_file()
+            if main:  # other work in the folder is cleared: merged vectors there now are this recipe's
+                claim_run_dir(directory, recipe)
             barrier()
+            reused = (directory / store.VECTORS).is_file()
             started = time.perf_counter()
             if not reused:
                 encode_chunks(student, corpus, directory / store.CHUNKS, chunk_size, batch_size, device, rank, world,
@@ -160,7 +170,7 @@ class Index:
         if not reused:
             encoded = merge_chunks(directory / store.CHUNKS, corpus, chunk_size)
             store.write_encoded(directory, corpus, encoded.vectors, encoded.rows, encoded.skipped)
-            shutil.rmtree(directory / store.CHUNKS)
+        shutil.rmtree(directory / store.CHUNKS, ignore_errors=True)
         vectors = np.load(directory / store.VECTORS, mmap_mode="r")
         skipped = sum(1 for line in (directory / store.SKIPPED).read_text(encoding="utf-8").splitlines() if line)
         spec = ann_params.resolve(len(vectors), vectors.shape[1])
