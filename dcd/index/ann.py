@@ -42,9 +42,9 @@ class AnnParams:
     ef_construction: int = 80
     ef_search: int = 128
     nlist: Optional[int] = None  # default sqrt(n), at most n / 39 (FAISS's k-means wants 39 points a cell)
-    nprobe: int = 32
+    nprobe: int = 128
     pq_bytes: Optional[int] = None  # default: the largest divisor of d at most d / 8 (4-d sub-vectors train slowly)
-    refine: int = 10
+    refine: int = 50
 
     def resolve(self, n: int, dim: int) -> Dict[str, Any]:
         """The concrete spec for ``n`` vectors of dimension ``dim``; bad values raise naming the option."""
