@@ -93,19 +93,20 @@ def run_ablations(settings: DistillSettings, seeds: Sequence[int] = (0, 1, 2),
     teacher_model, teacher_info = load_teacher(settings, splits)
     teacher = teachers.as_teacher(teacher_model).to(settings.device)
     cache = teacher_score_cache(teacher, settings, splits["train"], root)
-    score_dir = Path(teacher_info.get("path", root / "teacher")).parent / "scores"
-    _, teacher_eval = cached_score_matrix(teacher, splits["eval"], score_dir, settings.device, settings.progress)
-    records = [_record(settings.teacher, "teacher", "teacher", None, _params(teacher_model), None,
-                       teacher_eval["metrics"], eval_seconds=teacher_eval["elapsed_s"])]
-
+    records: List[Dict[str, Any]] = []
     for kind in kinds:
         for method in methods:
             if kind == "fusion" and method not in FUSION_METHODS:
                 continue
             for seed in seeds:
                 records.append(_one_run(kind, method, seed, settings, splits, teacher, teacher_model, cache, root))
-                if is_main_process():
-                    write_results(records, results_json or root / "compression.json")
+    # the teacher last: its exhaustive scores take longest and are cached for every later sweep
+    score_dir = Path(teacher_info.get("path", root / "teacher")).parent / "scores"
+    _, teacher_eval = cached_score_matrix(teacher, splits["eval"], score_dir, settings.device, settings.progress)
+    records.insert(0, _record(settings.teacher, "teacher", "teacher", None, _params(teacher_model), None,
+                              teacher_eval["metrics"], eval_seconds=teacher_eval["elapsed_s"]))
+    if is_main_process():
+        write_results(records, results_json or root / "compression.json")
     return records
 
 

@@ -54,7 +54,7 @@ def _distill_options(p: argparse.ArgumentParser) -> None:
     m.add_argument("--num-hard", type=int, help="k hardest kept for the student (embedded 3; reference 7)")
     m.add_argument("--negatives", default=d.negatives, choices=("random", "nearest"),
                    help="image->text candidate source: random corpus captions or the student's nearest")
-    m.add_argument("--directions", default=",".join(d.directions), help="i2t,t2i | i2t | t2i")
+    m.add_argument("--directions", help="i2t,t2i | i2t | t2i (default: i2t on the embedded set, both on real data)")
     m.add_argument("--distill-loss", default=d.distill_loss, choices=("kl", "mse"))
     m.add_argument("--self-loss", default=d.self_loss, choices=("ce", "bce"))
     m.add_argument("--alpha", type=float, help="distillation share of the loss (embedded 0.5, reference 0.2)")
@@ -66,7 +66,7 @@ def _distill_options(p: argparse.ArgumentParser) -> None:
     m.add_argument("--no-dynamic", dest="dynamic", action="store_false", help="uniform instead of entropy weights")
     m.add_argument("--no-score-cache", dest="score_cache", action="store_false",
                    help="score candidates with the teacher online instead of the precomputed cache")
-    m.add_argument("--rerank-k", type=int, default=d.rerank_k, help="dual-student candidates re-ranked per query")
+    m.add_argument("--rerank-k", type=int, default=d.rerank_k, help="dual-student candidates re-ranked per query (0: chosen on the validation split)")
 
 
 def _ablation_methods() -> List[str]:
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("data", allow_abbrev=False, help="build the embedded data set (once) and print its splits")
-    p.add_argument("--root", help="where to write it (default: $DCD_HOME/data/synthetic-v1)")
+    p.add_argument("--root", help="where to write it (default: $DCD_HOME/data/synthetic-v2)")
 
     p = sub.add_parser("teacher", allow_abbrev=False, help="train (once) and evaluate the embedded teacher")
     p.add_argument("--teacher", default="meter", help="meter | vilt")
@@ -262,7 +262,7 @@ def _run(args: argparse.Namespace) -> int:
 
     sweep = {k: vars(args).pop(k) for k in ("seeds", "methods", "students", "results") if k in vars(args)}
     options = {k: v for k, v in vars(args).items() if k not in ("command", "verbose")}
-    options["directions"] = tuple(_csv(options["directions"]))
+    options["directions"] = tuple(_csv(options["directions"])) if options["directions"] else None
     options["device"] = _init_distributed(options["device"])
     if args.command == "ablations":
         from pathlib import Path

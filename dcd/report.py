@@ -12,17 +12,21 @@ HEADERS = ("i2t R@1", "R@5", "R@10", "t2i R@1", "R@5", "R@10", "RSUM")
 def results_table(rows: Sequence[Dict], title: str = "") -> str:
     """Rows of ``{"model": str, <metric columns>, "seconds": float, "speedup": float}`` -> aligned text.
 
-    A ``binding`` column (:mod:`dcd.binding`) is added when some row has one; rows without it leave it blank.
+    ``binding`` (:mod:`dcd.binding`) and ``params`` columns are added when some row has one; rows without
+    it leave it blank.
     """
     name_width = max([len("model")] + [len(r["model"]) for r in rows])
     binding = any("binding" in r for r in rows)
+    params = any("params" in r for r in rows)
     head = (f"{'model':<{name_width}} " + " ".join(f"{h:>7}" for h in HEADERS) + (f" {'binding':>7}" if binding else "")
-            + f" {'time (s)':>9} {'speed-up':>9}")
+            + (f" {'params':>7}" if params else "") + f" {'time (s)':>9} {'speed-up':>9}")
     lines = [title, head, "-" * len(head)] if title else [head, "-" * len(head)]
     for r in rows:
         cells = " ".join(f"{r[c]:7.1f}" for c in METRIC_COLUMNS)
         if binding:
             cells += f" {r['binding']:7.1f}" if "binding" in r else f" {'':>7}"
+        if params:
+            cells += f" {r['params'] / 1e6:6.2f}M" if "params" in r else f" {'':>7}"
         speed = f"{r['speedup']:8.1f}x" if r.get("speedup") else f"{'':>9}"
         lines.append(f"{r['model']:<{name_width}} {cells} {r['seconds']:9.2f} {speed}")
     return "\n".join(lines)

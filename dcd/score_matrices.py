@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from .score_cache import teacher_fingerprint
 
 log = logging.getLogger(__name__)
 
-__all__ = ["cached_score_matrix", "metrics_from_matrix", "rerank_with_matrix"]
+__all__ = ["cached_score_matrix", "metrics_from_matrix", "plateau_k", "rerank_curve", "rerank_with_matrix"]
 
 
 def _header(model: Scorer, split) -> Dict[str, Any]:
@@ -93,3 +93,32 @@ def rerank_with_matrix(first_stage: Tensor, second_stage: Tensor, split, k: int)
         return second[image_index, text_index]
 
     return retrieval.rerank(first_stage, pairs, split.caption_image_tensor(), k=k)
+
+
+def rerank_curve(first_stage: Tensor, second_stage, split, ks: Sequence[int]) -> Dict[int, Dict[str, float]]:
+    """Recall of re-ranking the top ``k`` for every ``k`` in ``ks``; each distinct pair is scored once.
+
+    ``second_stage(image_index, text_index) -> scores`` is called for the largest ``k``'s candidates
+    only; every smaller ``k`` reads the same scores back (its candidates are a subset).
+    """
+    n_texts = first_stage.shape[1]
+    memo: Dict[int, float] = {}
+
+    def lookup(image_index: Tensor, text_index: Tensor) -> Tensor:
+        keys = (image_index * n_texts + text_index).tolist()
+        missing = [key for key in keys if key not in memo]
+        if missing:
+            wanted = torch.tensor(missing)
+            memo.update(zip(missing, second_stage(wanted // n_texts, wanted % n_texts).double().tolist()))
+        return torch.tensor([memo[key] for key in keys], dtype=torch.float64)
+
+    caption_image = split.caption_image_tensor()
+    curve = {k: retrieval.rerank(first_stage, lookup, caption_image, k=k) for k in sorted(set(ks), reverse=True)}
+    return dict(sorted(curve.items()))
+
+
+def plateau_k(curve: Dict[int, Dict[str, float]], tolerance: float = 0.5) -> int:
+    """The smallest ``k`` whose mean R@1 (both directions) is within ``tolerance`` points of the best ``k``'s."""
+    r1 = {k: 0.5 * (m["i2t_r1"] + m["t2i_r1"]) for k, m in curve.items()}
+    best = max(r1.values())
+    return min(k for k, value in r1.items() if value >= best - tolerance)

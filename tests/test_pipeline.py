@@ -51,8 +51,10 @@ def test_distill_end_to_end_on_a_fixture_with_a_checkpoint(fixture_json, tmp_pat
     printed = capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
     names = [row["model"] for row in results["results"]]
-    assert names == ["teacher", "baseline dual", "dcd dual", "dcd fusion", "dual top-3 -> dcd fusion",
-                     "dual top-3 -> teacher"]
+    assert names == ["teacher", "baseline dual", "dcd dual", "baseline fusion", "dcd fusion",
+                     "dual top-3 -> dcd fusion", "dual top-3 -> teacher"]
+    assert all(row["params"] > 0 for row in results["results"][:5])
+    assert all(row["params"] < results["results"][0]["params"] for row in results["results"][1:5])
     for row in results["results"]:
         assert 0 <= row["i2t_r1"] <= 100 and row["seconds"] > 0 and row["model"] in printed
     assert results["training"]["dcd"]["steps"] == 2 and results["training"]["baseline"]["dcd"]["use_teacher"] is False

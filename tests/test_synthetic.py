@@ -15,8 +15,8 @@ from dcd.retrieval import recall_at_k
 
 @pytest.fixture(scope="module")
 def default_build(tmp_path_factory):
-    """The default data set (1500 / 100 / 100 images), built once for the module."""
-    root = tmp_path_factory.mktemp("synthetic") / "synthetic-v1"
+    """The default data set (1500 / 500 / 500 images), built once for the module."""
+    root = tmp_path_factory.mktemp("synthetic") / "synthetic-v2"
     started = time.perf_counter()
     path = build_synthetic(root)
     return path, time.perf_counter() - started
@@ -34,7 +34,7 @@ def test_default_sizes_layout_and_speed(default_build):
     data = json.loads(path.read_text())
     assert data["dataset"] == "synthetic"
     counts = collections.Counter(im["split"] for im in data["images"])
-    assert counts == {"train": 1500, "val": 100, "test": 100}
+    assert counts == {"train": 1500, "val": 500, "test": 500}
     assert len(list((root / "images").iterdir())) == 1700
     for im in data["images"]:
         assert im["filepath"] == "images" and im["filename"].endswith(".jpg")
@@ -65,20 +65,20 @@ def test_images_decode_and_captions_name_the_objects(default_build):
 
 def test_loader_reads_every_split(default_build):
     path, _ = default_build
-    sizes = {"train": 1500, "val": 100, "test": 100}
+    sizes = {"train": 1500, "val": 500, "test": 500}
     for name, n in sizes.items():
         split = load_karpathy(path, split=name)
         assert split.num_images == n and split.num_captions == 5 * n
         assert split.captions_per_image() == {5: n}
     # load_split("synthetic", root) builds-or-reuses through the very same loader
     split = load_split("synthetic", root=path.parent, split="val")
-    assert split.num_images == 100 and split.name == "synthetic-val"
+    assert split.num_images == 500 and split.name == "synthetic-val"
 
 
 def test_deterministic_and_split_streams_independent(default_build, tmp_path):
     path, _ = default_build
     # same seed, smaller train: identical test split (captions and JPEG bytes), train is a prefix
-    other = build_synthetic(tmp_path / "small", seed=0, sizes=(30, 5, 100))
+    other = build_synthetic(tmp_path / "small", seed=0, sizes=(30, 5, 500))
     a, b = load_karpathy(path, split="test"), load_karpathy(other, split="test")
     assert a.captions == b.captions
     assert {k: v for k, v in _digests(path.parent).items() if k.startswith("test_")} == \
@@ -107,8 +107,8 @@ def test_reuse_mismatch_force_and_foreign_folder(tmp_path, monkeypatch):
     assert (foreign / "notes.txt").read_text() == "user data"
     # the default root follows $DCD_HOME; other parameters go to a sibling folder
     monkeypatch.setenv("DCD_HOME", str(tmp_path / "home"))
-    assert default_data_root() == tmp_path / "home" / "data" / "synthetic-v1"
-    assert build_synthetic(sizes=(2, 1, 1)).parent.name.startswith("synthetic-v1-")
+    assert default_data_root() == tmp_path / "home" / "data" / "synthetic-v2"
+    assert build_synthetic(sizes=(2, 1, 1)).parent.name.startswith("synthetic-v2-")
 
 
 def test_more_objects_and_larger_images(tmp_path):

@@ -108,7 +108,7 @@ def dcd_home() -> Path:
 
 
 def default_data_root() -> Path:
-    """``$DCD_HOME/data/synthetic-v1`` (``DCD_HOME`` defaults to ``~/.cache/dcd``)."""
+    """``$DCD_HOME/data/synthetic-v2`` (``DCD_HOME`` defaults to ``~/.cache/dcd``)."""
     return dcd_home() / "data" / f"synthetic-v{VERSION}"
 
 
@@ -408,9 +408,9 @@ def build_synthetic(
 
     Args:
         root: folder of this data set. ``None``: :func:`default_data_root` for the default
-            parameters, a sibling ``synthetic-v1-<hash of the parameters>`` otherwise.
+            parameters, a sibling ``synthetic-v2-<hash of the parameters>`` otherwise.
         seed: everything is a deterministic function of the seed (and the other parameters).
-        sizes: images per split, ``{"train": 1500, "val": 100, "test": 100}`` by default, or a
+        sizes: images per split, ``{"train": 1500, "val": 500, "test": 500}`` by default, or a
             ``(train, val, test)`` tuple.
         image_size: image side in pixels.
         num_objects: objects per image (1-4).
