@@ -32,8 +32,8 @@ tighter clusters make every index look better (spread 1: 0.848 / 0.978 / 1.000).
 End to end (``--no-e2e`` skips it): a dual student indexes the embedded test split (100 images), and
 its captions are searched as ``dcd search`` does (encode the caption, search, look up the items),
 with and without re-ranking the top 50 by the teacher; p50 / p99 per query and recall@10 of the
-caption's image. Without ``--student`` / ``--teacher-checkpoint`` the models are the embedded
-architectures with untrained weights (latency does not depend on weight values; recall then means
+caption's image. Without ``--student`` / ``--teacher-checkpoint`` the models are ``dual_tiny`` (2 MiniLM
+layers) and the embedded METER teacher's architecture, with untrained weights (latency does not depend on weight values; recall then means
 nothing, and the JSON says so).
 """
 from __future__ import annotations
@@ -208,7 +208,7 @@ def end_to_end(args, log) -> Dict:
         student = students.load_student(args.student)
     else:
         torch.manual_seed(0)
-        student = students.create_student("dual_tiny", text_layers=2)  # the embedded DCD dual's architecture
+        student = students.create_student("dual_tiny", text_layers=2)  # 4-block ViT-Tiny at 64 px, 2 MiniLM layers
     if args.teacher_checkpoint:
         teacher = teachers.create_teacher("meter", checkpoint=args.teacher_checkpoint)
     else:
