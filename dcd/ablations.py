@@ -81,8 +81,12 @@ def _build_student(kind: str, settings: DistillSettings, teacher: Scorer, teache
 
 def run_ablations(settings: DistillSettings, seeds: Sequence[int] = (0, 1, 2),
                   methods: Iterable[str] = tuple(METHODS), kinds: Iterable[str] = ("dual",),
-                  out: Optional[Path] = None, results_json: Optional[Path] = None) -> List[Dict[str, Any]]:
-    """Train and evaluate every (student kind, method, seed); returns (and writes) all records."""
+                  out: Optional[Path] = None, results_json: Optional[Path] = None,
+                  train_missing: bool = True) -> List[Dict[str, Any]]:
+    """Train and evaluate every (student kind, method, seed); returns (and writes) all records.
+
+    ``train_missing=False``: only gather the records already written (a report while sweeps run elsewhere).
+    """
     methods = list(methods)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -99,6 +103,8 @@ def run_ablations(settings: DistillSettings, seeds: Sequence[int] = (0, 1, 2),
             if kind == "fusion" and method not in FUSION_METHODS:
                 continue
             for seed in seeds:
+                if not train_missing and not (root / "records" / f"{kind}-{method}-seed{seed}.json").is_file():
+                    continue
                 records.append(_one_run(kind, method, seed, settings, splits, teacher, teacher_model, cache, root))
     # the teacher last: its exhaustive scores take longest and are cached for every later sweep
     score_dir = Path(teacher_info.get("path", root / "teacher")).parent / "scores"

@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="all", help="comma-separated rows (all: " + ", ".join(_ablation_methods()) + ")")
     p.add_argument("--students", default="dual", help="student kinds: dual | fusion | dual,fusion")
     p.add_argument("--results", default="benchmarks/results/compression.json", help="where the records are written")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: gather the finished records into the results files")
 
     p = sub.add_parser("eval", allow_abbrev=False, help="Recall@K of a saved student, a teacher checkpoint or the embedded teacher")
     p.add_argument("model", help="student directory (save_pretrained), or teacher:<family>[:<checkpoint>]")
@@ -260,7 +262,8 @@ def _run(args: argparse.Namespace) -> int:
 
     from .pipeline import DistillSettings, run_distill
 
-    sweep = {k: vars(args).pop(k) for k in ("seeds", "methods", "students", "results") if k in vars(args)}
+    sweep = {k: vars(args).pop(k) for k in ("seeds", "methods", "students", "results", "report_only")
+             if k in vars(args)}
     options = {k: v for k, v in vars(args).items() if k not in ("command", "verbose")}
     options["directions"] = tuple(_csv(options["directions"])) if options["directions"] else None
     options["device"] = _init_distributed(options["device"])
@@ -277,7 +280,8 @@ def _run(args: argparse.Namespace) -> int:
         settings = DistillSettings(**options)
         out = Path(settings.out) if settings.out else Path("runs") / f"ablations-{settings.teacher}"
         records = run_ablations(replace(settings, out=None), seeds=seeds, methods=methods,
-                                kinds=_csv(sweep["students"]), out=out, results_json=Path(sweep["results"]))
+                                kinds=_csv(sweep["students"]), out=out, results_json=Path(sweep["results"]),
+                                train_missing=not sweep["report_only"])
         print(markdown_table(records))
         print(f"written: {sweep['results']} (and .md, .png)")
         _shutdown_distributed()

@@ -218,6 +218,10 @@ def test_ablation_runner_records_every_row_and_resumes(data_json, tmp_path):
     again = ablations.run_ablations(settings, seeds=(0, 1), methods=methods, kinds=("dual",), out=out,
                                     results_json=results)
     assert again == records and mtimes == {p: p.stat().st_mtime_ns for p in (out / "records").iterdir()}
+    # a report gathers what exists and trains nothing
+    partial = ablations.run_ablations(settings, seeds=(0, 1, 2), methods=methods, kinds=("dual",), out=out,
+                                      results_json=results, train_missing=False)
+    assert partial == records and not (out / "records" / "dual-dcd-seed2.json").exists()
     with pytest.raises(ValueError, match="unknown method"):
         ablations.run_ablations(settings, methods=["dcd_magic"], out=out)
 

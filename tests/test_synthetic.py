@@ -35,7 +35,7 @@ def test_default_sizes_layout_and_speed(default_build):
     assert data["dataset"] == "synthetic"
     counts = collections.Counter(im["split"] for im in data["images"])
     assert counts == {"train": 1500, "val": 500, "test": 500}
-    assert len(list((root / "images").iterdir())) == 1700
+    assert len(list((root / "images").iterdir())) == 2500
     for im in data["images"]:
         assert im["filepath"] == "images" and im["filename"].endswith(".jpg")
         assert len(im["sentences"]) == 5 and len({s["raw"] for s in im["sentences"]}) == 5
