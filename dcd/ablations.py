@@ -199,7 +199,7 @@ def plot(records: List[Dict[str, Any]], path: Path) -> Optional[Path]:
         mine = [r for r in rows if r["student"] == kind and "test_rsum" in r]
         ax.bar(range(len(mine)), [r["test_rsum"] for r in mine], yerr=[r["test_rsum_std"] for r in mine],
                color=["#999999" if r["method"] == "baseline" else "#3b75af" for r in mine], capsize=4)
-        ax.set_xticks(range(len(mine)), [r["method"] for r in mine], rotation=30, ha="right")
+        ax.set_xticks(range(len(mine)), [f"{r['method']} (n={r['seeds']})" for r in mine], rotation=30, ha="right")
         for t in (r for r in rows if r["method"] == "teacher"):
             ax.axhline(t["test_rsum"], color="#c44e52", linestyle="--", label=f"{t['teacher']} teacher")
         low = min([r["test_rsum"] - r["test_rsum_std"] for r in mine] or [0])
