@@ -49,16 +49,12 @@ FUSION_METHODS = ("baseline", "vanilla_kd", "dcd")
 METRICS = ("rsum", "i2t_r1", "t2i_r1", "binding")
 
 
-def _metric(metrics: Dict[str, float], name: str) -> Optional[float]:
-    return metrics.get(name)
-
-
 def _record(teacher_family: str, kind: str, method: str, seed: Optional[int], params: int,
             val: Optional[Dict[str, float]], test: Dict[str, float], **extra) -> Dict[str, Any]:
     record = {"teacher": teacher_family, "student": kind, "method": method, "seed": seed, "params": params}
     for split, metrics in (("val", val), ("test", test)):
         for name in METRICS:
-            if metrics is not None and _metric(metrics, name) is not None:
+            if metrics is not None and metrics.get(name) is not None:
                 record[f"{split}_{name}"] = round(float(metrics[name]), 2)
     record.update(extra)
     return record

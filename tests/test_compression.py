@@ -189,6 +189,31 @@ def test_cached_score_matrix_is_reused_and_rerank_matches(splits, tmp_path):
     assert full["rsum"] == pytest.approx(info["metrics"]["rsum"])
 
 
+def test_rerank_curve_matches_each_depth_and_k_is_chosen_on_val(splits):
+    from dcd import retrieval
+
+    split = splits["eval"]
+    teacher = as_teacher(meter_test())
+    second = retrieval.score_matrix(teacher, retrieval._eval_images(teacher, split, 8, 0), split.captions,
+                                    progress=False)
+    first = torch.randn_like(second)
+    calls = []
+
+    def pairs(i, t):
+        calls.append(len(i))
+        return second[i, t]
+
+    curve = score_matrices.rerank_curve(first, pairs, split, (1, 2, 3))
+    for k in (1, 2, 3):  # one scoring pass serves every depth, each equal to re-ranking at that depth alone
+        assert curve[k] == score_matrices.rerank_with_matrix(first, second, split, k)
+    assert sum(calls) <= (split.num_images + split.num_captions) * 3
+    assert score_matrices.plateau_k({1: {"i2t_r1": 10, "t2i_r1": 10}, 4: {"i2t_r1": 30, "t2i_r1": 20},
+                                     8: {"i2t_r1": 30, "t2i_r1": 20.5}}) == 4
+    student = students.dual_test(pretrained=False)
+    k, val_curve = pipeline.choose_rerank_k(student, teacher, splits["val"], DistillSettings(progress=False), (1, 2))
+    assert k in (1, 2) and set(val_curve) == {1, 2}
+
+
 # ------------------------------------------------------------------------------------------ ablation runner
 def test_ablation_runner_records_every_row_and_resumes(data_json, tmp_path):
     teacher_dir = tmp_path / "teacher"
