@@ -26,8 +26,8 @@ import teachers
 from teachers.base import Scorer, atomic_write
 
 from . import retrieval
-from .pipeline import (DistillSettings, build_dual, load_data, load_teacher, student_identity, teacher_score_cache,
-                       train_student)
+from .pipeline import (DistillSettings, build_dual, count_parameters, load_data, load_teacher, student_identity,
+                       teacher_score_cache, train_student)
 from .score_matrices import cached_score_matrix
 from .trainer import is_main_process
 
@@ -58,10 +58,6 @@ def _record(teacher_family: str, kind: str, method: str, seed: Optional[int], pa
                 record[f"{split}_{name}"] = round(float(metrics[name]), 2)
     record.update(extra)
     return record
-
-
-def _params(model) -> int:
-    return int(sum(p.numel() for p in model.parameters()))
 
 
 def _build_student(kind: str, settings: DistillSettings, teacher: Scorer, teacher_model) -> Scorer:
@@ -105,7 +101,7 @@ def run_ablations(settings: DistillSettings, seeds: Sequence[int] = (0, 1, 2),
     # the teacher last: its exhaustive scores take longest and are cached for every later sweep
     score_dir = Path(teacher_info.get("path", root / "teacher")).parent / "scores"
     _, teacher_eval = cached_score_matrix(teacher, splits["eval"], score_dir, settings.device, settings.progress)
-    records.insert(0, _record(settings.teacher, "teacher", "teacher", None, _params(teacher_model), None,
+    records.insert(0, _record(settings.teacher, "teacher", "teacher", None, count_parameters(teacher_model), None,
                               teacher_eval["metrics"], eval_seconds=teacher_eval["elapsed_s"]))
     if is_main_process():
         write_results(records, results_json or root / "compression.json")
@@ -131,7 +127,7 @@ def _one_run(kind: str, method: str, seed: int, settings: DistillSettings, split
                                      run_settings, splits, root, cache if use_teacher else None)
     val = retrieval.evaluate(trained, splits["val"], device=settings.device, progress=False)
     test = retrieval.evaluate(trained, splits["eval"], device=settings.device, progress=False)
-    record = _record(settings.teacher, kind, method, seed, _params(trained), val, test,
+    record = _record(settings.teacher, kind, method, seed, count_parameters(trained), val, test,
                      train_seconds=summary["train_seconds"], steps=summary["steps"],
                      eval_seconds=round(test["elapsed_s"], 2), wall_seconds=round(time.time() - started, 1))
     log.info("%s %s seed %d: val RSUM %.1f, test RSUM %.1f", kind, method, seed, val["rsum"], test["rsum"])

@@ -320,7 +320,8 @@ def teacher_score_cache(teacher: Scorer, settings: DistillSettings, train: Capti
 RERANK_KS = (4, 8, 16, 32, 64)
 
 
-def _params(model) -> int:
+def count_parameters(model) -> int:
+    """Every parameter of ``model``, trainable or frozen: what the results tables call its size."""
     return int(sum(p.numel() for p in model.parameters()))
 
 
@@ -353,7 +354,7 @@ def evaluate_models(models: Dict[str, Scorer], teacher: Scorer, splits: Dict[str
              "params": teacher_params}]
     for name, model in models.items():
         metrics = retrieval.evaluate(model, split, device=settings.device, progress=settings.progress)
-        rows.append({"model": name, **metrics, "seconds": metrics["elapsed_s"], "params": _params(model)})
+        rows.append({"model": name, **metrics, "seconds": metrics["elapsed_s"], "params": count_parameters(model)})
         log.info("%s: RSUM %.1f in %.1f s", name, metrics["rsum"], metrics["elapsed_s"])
     first = models.get("dcd dual") or models.get("baseline dual")
     rerank: Dict[str, Any] = {}
@@ -407,7 +408,8 @@ def run_distill(settings: DistillSettings) -> Dict[str, Any]:
     rerankers["teacher"] = teacher
 
     scores_dir = Path(teacher_info["path"]).parent / "scores" if "path" in teacher_info else run_dir / "teacher_scores_eval"
-    rows, rerank = evaluate_models(trained, teacher, splits, settings, rerankers, scores_dir, _params(teacher_model))
+    rows, rerank = evaluate_models(trained, teacher, splits, settings, rerankers, scores_dir,
+                                   count_parameters(teacher_model))
     title = (f"{settings.teacher} teacher on {splits['eval'].name} ({splits['eval'].num_images} images x "
              f"{splits['eval'].num_captions} captions, {settings.device})")
     table = results_table(rows, title)
