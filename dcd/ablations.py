@@ -33,7 +33,7 @@ from .trainer import is_main_process
 
 log = logging.getLogger(__name__)
 
-__all__ = ["METHODS", "FUSION_METHODS", "run_ablations", "summarise", "markdown_table"]
+__all__ = ["METHODS", "EXTRA_METHODS", "FUSION_METHODS", "run_ablations", "summarise", "markdown_table"]
 
 #: method -> the DistillSettings fields it changes from the DCD recipe (``None``: no teacher at all)
 METHODS: Dict[str, Optional[Dict[str, Any]]] = {
@@ -44,6 +44,13 @@ METHODS: Dict[str, Optional[Dict[str, Any]]] = {
     "dcd_static_alpha": {"alpha_schedule": "constant"},
     "dcd": {},
 }
+#: rows beyond the paper's: DCD's distillation term added to the baseline's own loss (self-learning over
+#: fresh random candidates), and DCD with the teacher's false negatives left out of the self-learning loss
+EXTRA_METHODS: Dict[str, Dict[str, Any]] = {
+    "dcd_self_random": {"self_candidates": "random"},
+    "dcd_denoised": {"drop_false_negatives": True},
+}
+KNOWN_METHODS: Dict[str, Optional[Dict[str, Any]]] = {**METHODS, **EXTRA_METHODS}
 #: the rows trained for the fusion student (each one costs an exhaustive cross-encoder evaluation)
 FUSION_METHODS = ("baseline", "vanilla_kd", "dcd")
 METRICS = ("rsum", "i2t_r1", "t2i_r1", "binding")
@@ -80,9 +87,9 @@ def run_ablations(settings: DistillSettings, seeds: Sequence[int] = (0, 1, 2),
     ``train_missing=False``: only gather the records already written (a report while sweeps run elsewhere).
     """
     methods = list(methods)
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in KNOWN_METHODS]
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")
+        raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(KNOWN_METHODS)}")
     root = Path(out or Path("runs") / f"ablations-{settings.teacher}")
     root.mkdir(parents=True, exist_ok=True)
     splits = load_data(settings)
@@ -110,7 +117,7 @@ def run_ablations(settings: DistillSettings, seeds: Sequence[int] = (0, 1, 2),
 
 def _one_run(kind: str, method: str, seed: int, settings: DistillSettings, splits, teacher, teacher_model, cache,
              root: Path) -> Dict[str, Any]:
-    overrides = METHODS[method]
+    overrides = KNOWN_METHODS[method]
     run_settings = replace(settings, seed=seed, **(overrides or {}))
     use_teacher = overrides is not None
     student = _build_student(kind, run_settings, teacher, teacher_model)

@@ -57,6 +57,11 @@ def _distill_options(p: argparse.ArgumentParser) -> None:
     m.add_argument("--directions", help="i2t,t2i | i2t | t2i (default: i2t on the embedded set, both on real data)")
     m.add_argument("--distill-loss", default=d.distill_loss, choices=("kl", "mse"))
     m.add_argument("--self-loss", default=d.self_loss, choices=("ce", "bce"))
+    m.add_argument("--self-candidates", default=d.self_candidates, choices=("teacher", "random"),
+                   help="candidates of the self-learning loss: the teacher's selection (DCD) or fresh random ones "
+                        "(the baseline's)")
+    m.add_argument("--drop-false-negatives", action="store_true",
+                   help="leave candidates the teacher scores above the positive out of the self-learning loss")
     m.add_argument("--alpha", type=float, help="distillation share of the loss (embedded 0.5, reference 0.2)")
     m.add_argument("--temperature", type=float, default=d.temperature, help="KL distillation temperature")
     m.add_argument("--entropy-temperature", type=float,
@@ -73,6 +78,12 @@ def _ablation_methods() -> List[str]:
     from .ablations import METHODS
 
     return list(METHODS)
+
+
+def _extra_methods() -> List[str]:
+    from .ablations import EXTRA_METHODS
+
+    return list(EXTRA_METHODS)
 
 
 def _csv(text: str) -> List[str]:
@@ -106,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "benchmarks/results/compression.json, .md, .png")
     _distill_options(p)
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds, one trained student per seed and row")
-    p.add_argument("--methods", default="all", help="comma-separated rows (all: " + ", ".join(_ablation_methods()) + ")")
+    p.add_argument("--methods", default="all", help="comma-separated rows (all: the paper's, " + ", ".join(
+        _ablation_methods()) + "; extra rows: " + ", ".join(_extra_methods()) + ")")
     p.add_argument("--students", default="dual", help="student kinds: dual | fusion | dual,fusion")
     p.add_argument("--results", default="benchmarks/results/compression.json", help="where the records are written")
     p.add_argument("--report-only", action="store_true",
@@ -272,7 +284,8 @@ def _run(args: argparse.Namespace) -> int:
 
         from .ablations import markdown_table, run_ablations
 
-        methods = _ablation_methods() if sweep["methods"] == "all" else _csv(sweep["methods"])
+        every = _ablation_methods() + (_extra_methods() if sweep["report_only"] else [])  # a report shows every row
+        methods = every if sweep["methods"] == "all" else _csv(sweep["methods"])
         try:
             seeds = [int(x) for x in _csv(sweep["seeds"])]
         except ValueError:

@@ -46,6 +46,7 @@ __all__ = ["DCDConfig", "Distiller", "wrap"]
 
 DIRECTIONS = ("i2t", "t2i")
 SELECTIONS = ("hardest", "random", "all")
+SELF_CANDIDATES = ("teacher", "random")
 
 
 @dataclass
@@ -72,6 +73,11 @@ class DCDConfig:
     contrastive: float = 1.0  # weight of a dual student's in-batch contrastive loss
     contrastive_in_mix: bool = False  # True: alpha scales the contrastive loss too (the earlier form)
     use_teacher: bool = True  # False: the undistilled baseline
+    # -- added after the first compression sweep; left out of to_dict() at their defaults (see there)
+    self_candidates: str = "teacher"  # the self-learning loss over the teacher's selection ("teacher", DCD) or
+    # over 1 + k fresh random candidates, as the baseline's ("random"): distillation then adds to the baseline
+    drop_false_negatives: bool = False  # the self-learning loss ignores candidates the teacher scores above
+    # the positive (RocketQA's denoised hard negatives); the distillation term still sees them
 
     def __post_init__(self) -> None:
         self.directions = tuple(self.directions)
@@ -90,6 +96,8 @@ class DCDConfig:
         if self.distill_loss != "kl" and (self.temperature != 1.0 or self.teacher_temperature != 1.0):
             raise ValueError(f"temperature / teacher_temperature act on the KL loss only; distill_loss="
                              f"{self.distill_loss!r} would ignore them")
+        if self.self_candidates not in SELF_CANDIDATES:
+            raise ValueError(f"self_candidates must be one of {SELF_CANDIDATES}, not {self.self_candidates!r}")
         AlphaSchedule(self.alpha, self.alpha if self.alpha_end is None else self.alpha_end, self.alpha_schedule)
 
     @classmethod
@@ -101,7 +109,17 @@ class DCDConfig:
         return cls(**kwargs)
 
     def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
+        """Every field, except later additions still at their defaults: stage identities are built from
+        this dict, so students trained before a field existed keep their identity (and are reused)."""
+        data = asdict(self)
+        for name, default in _LATER_FIELDS.items():
+            if data[name] == default:
+                del data[name]
+        return data
+
+
+#: fields added after the first recorded runs, with the defaults that reproduce those runs
+_LATER_FIELDS = {"self_candidates": "teacher", "drop_false_negatives": False}
 
 
 class Distiller(nn.Module):
@@ -197,10 +215,19 @@ class Distiller(nn.Module):
         weights: Dict[str, Tensor] = {}
         stats: Dict[str, Tensor] = {}
         for direction in cfg.directions:
-            if direction == "i2t" and self.captions is not None:
+            corpus = direction == "i2t" and self.captions is not None
+            if corpus:
                 student_scores, teacher_scores = self._i2t_corpus(batch, s_img, t_img)
             else:
                 student_scores, teacher_scores = self._in_batch(direction, image_index, s_img, s_txt, t_img, t_txt)
+            self_scores, keep = student_scores, None
+            if teacher_scores is not None and cfg.self_candidates == "random":
+                self_scores = self._i2t_corpus(batch, s_img, None) if corpus else \
+                    self._in_batch(direction, image_index, s_img, s_txt, None, None)
+                self_scores = self_scores[0]
+            elif teacher_scores is not None and cfg.drop_false_negatives:
+                keep = teacher_scores <= teacher_scores[:, :1]
+                stats[f"false_negatives_{direction}"] = 1.0 - keep[:, 1:].float().mean()
             if teacher_scores is not None:
                 w, r = dynamic_weights(teacher_scores, cfg.entropy_temperature) if cfg.dynamic else \
                     (uniform_weights(len(teacher_scores), device),) * 2
@@ -211,7 +238,7 @@ class Distiller(nn.Module):
                 weights[direction] = torch.stack([w, r])
             else:
                 w = uniform_weights(len(student_scores), device)
-            parts["self"].append((w * self_loss(student_scores, cfg.self_loss)).sum())
+            parts["self"].append((w * self_loss(self_scores, cfg.self_loss, keep)).sum())
 
         loss_self = torch.stack(parts["self"]).mean()
         out: Dict[str, Any] = {}
@@ -240,7 +267,7 @@ class Distiller(nn.Module):
         """Image->text over corpus captions: ``(student [B, 1+k], teacher [B, 1+k] or None)``."""
         cfg = self.config
         image_index, caption_index = batch["image_index"].cpu(), batch["caption_index"].cpu()
-        use_teacher = cfg.use_teacher and self.teacher is not None
+        use_teacher = cfg.use_teacher and self.teacher is not None and t_img is not None
         teacher_scores = None
         if use_teacher and self.score_cache is not None and cfg.negatives == "random":
             candidates, teacher_scores = self.score_cache.lookup(image_index, caption_index, cfg.num_negatives)

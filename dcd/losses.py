@@ -17,6 +17,8 @@ Score matrices are ``[B, C]``: row ``i`` is sample ``i``'s candidate set with th
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -46,14 +48,24 @@ def distill_loss(student: Tensor, teacher: Tensor, kind: str = "kl", temperature
     raise ValueError(f"distill_loss must be one of {DISTILL_LOSSES}, not {kind!r}")
 
 
-def self_loss(student: Tensor, kind: str = "ce") -> Tensor:
-    """Per-sample ground-truth loss ``[B]``; the positive is column 0 of ``student`` ``[B, C]``."""
+def self_loss(student: Tensor, kind: str = "ce", keep: Optional[Tensor] = None) -> Tensor:
+    """Per-sample ground-truth loss ``[B]``; the positive is column 0 of ``student`` ``[B, C]``.
+
+    ``keep`` (bool ``[B, C]``, optional): candidates that count; the others (false negatives) are left out.
+    """
+    if keep is not None:
+        keep = keep.clone()
+        keep[:, 0] = True
     if kind == "ce":
-        return -torch.log_softmax(student, dim=-1)[:, 0]
+        logits = student if keep is None else student.masked_fill(~keep, float("-inf"))
+        return -torch.log_softmax(logits, dim=-1)[:, 0]
     if kind == "bce":
         labels = torch.zeros_like(student)
         labels[:, 0] = 1.0
-        return F.binary_cross_entropy_with_logits(student, labels, reduction="none").mean(-1)
+        losses = F.binary_cross_entropy_with_logits(student, labels, reduction="none")
+        if keep is None:
+            return losses.mean(-1)
+        return (losses * keep).sum(-1) / keep.sum(-1)
     raise ValueError(f"self_loss must be one of {SELF_LOSSES}, not {kind!r}")
 
 

@@ -101,6 +101,8 @@ class DistillSettings:
     teacher_temperature: Optional[float] = None  # None: embedded default, 1 on real data
     selection: str = "hardest"
     contrastive_in_mix: bool = False
+    self_candidates: str = "teacher"
+    drop_false_negatives: bool = False
     entropy_temperature: Optional[float] = None  # None: 4 embedded, 1 (the reference) on real data
     alpha_schedule: Optional[str] = None  # None: embedded default, constant on real data
     alpha_end: Optional[float] = None
@@ -150,7 +152,8 @@ class DistillSettings:
         if not use_teacher:
             neutral = replace(self, alpha=None, temperature=1.0, entropy_temperature=None, alpha_schedule=None,
                               alpha_end=None, dynamic=True, distill_loss="kl", teacher_temperature=None,
-                              selection="hardest", contrastive_in_mix=False)
+                              selection="hardest", contrastive_in_mix=False, self_candidates="teacher",
+                              drop_false_negatives=False)
             return replace(neutral.dcd_config(use_teacher=True), use_teacher=False)
         embedded = self.data == "synthetic"
         negatives = self.num_negatives or (EMBEDDED_NEGATIVES if embedded else REFERENCE_NEGATIVES.get(self.data, 15))
@@ -168,6 +171,7 @@ class DistillSettings:
             alpha_schedule=_default(self.alpha_schedule, EMBEDDED_ALPHA_SCHEDULE if embedded else "constant"),
             alpha_end=_default(self.alpha_end, EMBEDDED_ALPHA_END if embedded and self.alpha_schedule is None else None),
             dynamic=self.dynamic, selection=self.selection, contrastive_in_mix=self.contrastive_in_mix,
+            self_candidates=self.self_candidates, drop_false_negatives=self.drop_false_negatives,
             use_teacher=use_teacher,
         )
 

@@ -90,6 +90,65 @@ def test_contrastive_loss_is_outside_the_alpha_mix(data_json, splits):
                           + (1 - alpha) * (inside["self"] + inside["contrastive"]), atol=1e-5)
 
 
+def test_self_loss_leaves_out_false_negatives():
+    from dcd.losses import self_loss
+
+    student = torch.tensor([[1.0, 3.0, 0.0]])
+    keep = torch.tensor([[True, False, True]])  # the teacher scored candidate 1 above the positive
+    expected = -torch.log_softmax(torch.tensor([1.0, 0.0]), -1)[0]
+    assert self_loss(student, "ce", keep).item() == pytest.approx(expected.item())
+    assert self_loss(student, "ce").item() > expected.item()
+    bce = self_loss(student, "bce", keep).item()
+    assert bce == pytest.approx((torch.nn.functional.softplus(torch.tensor(-1.0)) + torch.nn.functional.softplus(
+        torch.tensor(0.0))).item() / 2)
+
+
+def _one_batch_losses(splits, **config):
+    train = splits["train"]
+    torch.manual_seed(0)
+    distiller = dcd.wrap(meter_test(), students.dual_test(pretrained=False), captions=train.captions,
+                         caption_image=train.caption_image_tensor(), num_negatives=4, num_hard=2, **config)
+    from dcd.data import TrainPairs
+
+    pairs = TrainPairs(train, distiller.transforms())
+    batch = distiller.collate()([pairs[i * 5] for i in range(6)])
+    torch.manual_seed(1)
+    return distiller(batch)
+
+
+def test_false_negatives_are_counted_and_change_only_the_self_loss(splits):
+    plain = _one_batch_losses(splits, alpha=0.3)
+    denoised = _one_batch_losses(splits, alpha=0.3, drop_false_negatives=True)
+    assert 0.0 <= float(denoised["false_negatives_i2t"]) <= 1.0
+    assert torch.allclose(plain["distill"], denoised["distill"])
+    assert float(denoised["self"]) <= float(plain["self"]) + 1e-6
+
+
+def test_self_candidates_random_trains_the_self_loss_as_the_baseline_does(splits, monkeypatch):
+    """With ``self_candidates="random"`` the self-learning loss draws fresh random candidates (as the
+    baseline does) while the distillation term keeps the teacher's selection."""
+    from dcd import candidates
+
+    calls = []
+    original = candidates.random_captions
+    monkeypatch.setattr(candidates, "random_captions", lambda *a, **k: calls.append(a[-1]) or original(*a, **k))
+    plain = _one_batch_losses(splits, alpha=0.3, directions=("i2t",))
+    drawn = list(calls)
+    calls.clear()
+    separate = _one_batch_losses(splits, alpha=0.3, directions=("i2t",), self_candidates="random")
+    assert drawn == [4] and calls == [4, 2]  # the teacher's K, then the baseline's k fresh ones
+    assert torch.allclose(plain["distill"], separate["distill"])
+    assert not torch.allclose(plain["self"], separate["self"])
+
+
+def test_later_config_fields_keep_old_identities():
+    """Students recorded before a DCDConfig field existed keep their identity while it is at its default."""
+    assert "self_candidates" not in dcd.DCDConfig().to_dict()
+    assert dcd.DCDConfig(drop_false_negatives=True).to_dict()["drop_false_negatives"] is True
+    with pytest.raises(ValueError, match="self_candidates"):
+        dcd.DCDConfig(self_candidates="nearest")
+
+
 @pytest.mark.parametrize("selection", ["hardest", "random", "all"])
 def test_candidate_selection(selection):
     from dcd.distiller import _select
