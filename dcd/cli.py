@@ -25,6 +25,11 @@ def _distill_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--teacher", default=d.teacher, help="teacher family: meter | vilt (or a registered plugin)")
     g.add_argument("--teacher-checkpoint", help="official .ckpt, hub id or save_pretrained directory "
                    "(default: the embedded teacher, trained once on the embedded data set)")
+    g.add_argument("--teacher-config", action="append", metavar="KEY=VALUE",
+                   help="override a field of the teacher's preset or saved config (repeatable), e.g. num_layers=6")
+    g.add_argument("--recipe", help="JSON or YAML file of settings (the fields of --print-recipe's 'settings', "
+                   "or of this --help with '_' for '-'); flags given on the command line win")
+    g.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
     g.add_argument("--student", help="dual student preset from the registry (students.list_students()); default "
                    "dual_tiny on the embedded set, the teacher's own towers ('dual') for METER on real data")
     g.add_argument("--student-checkpoint", help="start the dual student from this save_pretrained directory")
@@ -205,9 +210,27 @@ def _teacher_vs_dual(family: str, teacher: dict, dual: dict, split: str) -> str:
     return "\n".join(lines)
 
 
+def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
+    """The command line; with ``--recipe FILE`` the file's settings become the defaults and flags given win."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "recipe", None):
+        from .pipeline import DistillSettings
+        from .recipes import read_recipe_file, settings_fields
+
+        try:
+            chosen = read_recipe_file(args.recipe, settings_fields(DistillSettings))
+        except ValueError as err:
+            raise SystemExit(f"dcd: error: {err}") from None
+        subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        subparsers.choices[args.command].set_defaults(**chosen)
+        args = parser.parse_args(argv)
+    return args
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Parse and run; bad input ends with one line ``dcd: error: ...`` (``-v``: the full traceback)."""
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
@@ -276,8 +299,20 @@ def _run(args: argparse.Namespace) -> int:
 
     sweep = {k: vars(args).pop(k) for k in ("seeds", "methods", "students", "results", "report_only")
              if k in vars(args)}
+    show_recipe = vars(args).pop("print_recipe")
+    vars(args).pop("recipe")
     options = {k: v for k, v in vars(args).items() if k not in ("command", "verbose")}
-    options["directions"] = tuple(_csv(options["directions"])) if options["directions"] else None
+    if isinstance(options["directions"], str):
+        options["directions"] = tuple(_csv(options["directions"])) or None
+    if not isinstance(options["teacher_config"], dict):
+        from .recipes import parse_overrides
+
+        options["teacher_config"] = parse_overrides(options["teacher_config"])
+    if show_recipe:
+        from .recipes import print_recipe
+
+        print_recipe(DistillSettings(**options))
+        return 0
     options["device"] = _init_distributed(options["device"])
     if args.command == "ablations":
         from pathlib import Path

@@ -20,12 +20,13 @@ import torch
 
 import students
 import teachers
-from teachers.base import Scorer
+from teachers.base import Scorer, atomic_write
 
 from . import retrieval
 from .checkpoint import claim_run_dir
 from .data import CaptionSplit, load_split
 from .distiller import DCDConfig, Distiller
+from .recipes import EMBEDDED_DATA, Budget, Preset, preset_for, resolve, training_steps
 from .report import plot_training_curves, read_metrics, results_table
 from .score_matrices import cached_score_matrix, plateau_k, rerank_curve
 from .teacher_training import embedded_teacher
@@ -38,51 +39,15 @@ STUDENT_DIR = "student"
 
 # ---------------------------------------------------------------------------------------------- settings
 @dataclass
-class Budget:
-    """How long each student trains: the same for the baseline and the DCD student."""
-
-    epochs: int
-    batch_size: int
-    lr: float
-    max_steps: Optional[int] = None
-    warmup: float = 0.05
-
-
-#: the embedded default: two epochs of the 7,500 training captions (468 steps)
-EMBEDDED_BUDGET = Budget(epochs=2, batch_size=32, lr=3e-4)
-#: embedded default's candidate sets: 7 teacher-scored negatives, 3 kept (the reference: 15 and 7)
-EMBEDDED_NEGATIVES, EMBEDDED_HARD = 7, 3
-#: real data: the reference's fine-tuning regime (dcd_paper.md §4)
-REFERENCE_BUDGET = Budget(epochs=10, batch_size=32, lr=1e-4)
-REFERENCE_NEGATIVES = {"coco": 15, "flickr30k": 63}
-#: embedded default's alpha and entropy temperature, chosen on the validation split (never the test split):
-#: with the MiniLM METER teacher, confident on most samples, T=1 concentrates the self-learning weights on a
-#: third of each batch (effective size 13 of 32) and the DCD dual fell below the baseline (val RSUM 182 vs
-#: 262); T=4 (effective size 31) gave 266, T=4 with alpha 0.5 gave 276. Real data keeps the reference 0.2 / 1.
-EMBEDDED_ALPHA, EMBEDDED_ENTROPY_TEMPERATURE = 0.5, 4.0
-#: the teacher's KL target over the positive and its 3 hardest of 7 pool captions (half from caption-word
-#: neighbours) is already soft at T = 1: median entropy 0.69 nats, mean p(positive) 0.63, the teacher ranks the
-#: positive first in 71 % of training rows (measured on the train split's score cache; T = 4 flattens it to 0.47)
-EMBEDDED_TEACHER_TEMPERATURE = 1.0
-#: alpha over training: from 0.5 (the teacher leads while the student is weak) to the reference's 0.2
-EMBEDDED_ALPHA_SCHEDULE, EMBEDDED_ALPHA_END = "cosine", 0.2
-#: the teacher's terms act on image->text only, as in the reference, from the score cache: text->image
-#: learns from the in-batch contrastive loss; an online teacher for text->image cost 1.6x per step on CPU
-EMBEDDED_DIRECTIONS = ("i2t",)
-REFERENCE_ALPHA, REFERENCE_ENTROPY_TEMPERATURE = 0.2, 1.0
-#: embedded default's student batches: plain shuffled (1) or neighbour groups of this many images
-EMBEDDED_GROUP_SIZE = 1
-
-
-@dataclass
 class DistillSettings:
     """Everything ``dcd distill`` needs; CLI flags and Makefile variables map onto these fields."""
 
     teacher: str = "meter"
-    data: str = "synthetic"  # synthetic | coco | flickr30k | path to a Karpathy / COCO json
+    data: str = EMBEDDED_DATA  # synthetic | coco | flickr30k | path to a Karpathy / COCO json
     data_root: Optional[str] = None
     teacher_checkpoint: Optional[str] = None
-    student: Optional[str] = None  # dual student registry name; None: dual_tiny (embedded) / "dual" (METER, real data)
+    teacher_config: Dict[str, Any] = field(default_factory=dict)  # overrides of the teacher's preset / saved config
+    student: Optional[str] = None  # dual student registry name; None: the small one (embedded) / "dual" (METER, real data)
     student_checkpoint: Optional[str] = None  # a save_pretrained dual student to start from
     out: Optional[str] = None
     device: str = "cpu"
@@ -119,9 +84,13 @@ class DistillSettings:
     progress: bool = True
     extra: Dict[str, Any] = field(default_factory=dict)
 
+    def preset(self) -> Preset:
+        """The named defaults of this run's regime (:data:`dcd.recipes.PRESETS`)."""
+        return preset_for(self.data)
+
     @property
     def embedded(self) -> bool:
-        return self.data == "synthetic" and self.teacher_checkpoint is None
+        return self.data == EMBEDDED_DATA and self.teacher_checkpoint is None
 
     def run_dir(self) -> Path:
         if self.out:
@@ -130,21 +99,20 @@ class DistillSettings:
         return Path("runs") / f"{self.teacher}-{name}"
 
     def budget(self) -> Budget:
-        base = EMBEDDED_BUDGET if self.data == "synthetic" else REFERENCE_BUDGET
         chosen = {k: v for k, v in (("epochs", self.epochs), ("batch_size", self.batch_size), ("lr", self.lr),
                                     ("max_steps", self.max_steps)) if v is not None}
-        return replace(base, **chosen)
+        return replace(self.preset().budget, **chosen)
 
     def student_name(self, teacher: Optional[Scorer] = None) -> str:
-        """The dual student's registry name: given, the teacher's own towers (METER, real data) or the small one."""
+        """The dual student's registry name: given, the small one, or the teacher's own towers (METER, real data)."""
         if self.student:
             return self.student
-        meter = teacher is not None and teacher.family == "meter"
-        return "dual" if self.data != "synthetic" and meter else students.SMALL_DUAL
+        family = teacher.family if teacher is not None else self.teacher
+        return "dual" if not self.preset().small_student and family == "meter" else students.SMALL_DUAL
 
     def student_group_size(self) -> int:
         """Images per neighbour group in the students' batches (1: plain shuffled batches)."""
-        return _default(self.group_size, EMBEDDED_GROUP_SIZE if self.data == "synthetic" else 1)
+        return _default(self.group_size, self.preset().group_size)
 
     def dcd_config(self, use_teacher: bool = True) -> DCDConfig:
         """The method's settings; for the baseline (``use_teacher=False``) the knobs of the teacher's terms
@@ -155,25 +123,27 @@ class DistillSettings:
                               selection="hardest", contrastive_in_mix=False, self_candidates="teacher",
                               drop_false_negatives=False)
             return replace(neutral.dcd_config(use_teacher=True), use_teacher=False)
-        embedded = self.data == "synthetic"
-        negatives = self.num_negatives or (EMBEDDED_NEGATIVES if embedded else REFERENCE_NEGATIVES.get(self.data, 15))
-        hard = self.num_hard or (EMBEDDED_HARD if embedded else 7)
+        preset = self.preset()
+        negatives = self.num_negatives or preset.negatives_per_data.get(self.data, preset.num_negatives)
         return DCDConfig(
-            num_negatives=negatives, num_hard=min(hard, negatives), negatives=self.negatives,
-            directions=tuple(_default(self.directions, EMBEDDED_DIRECTIONS if embedded else ("i2t", "t2i"))),
+            num_negatives=negatives, num_hard=min(self.num_hard or preset.num_hard, negatives), negatives=self.negatives,
+            directions=tuple(_default(self.directions, preset.directions)),
             distill_loss=self.distill_loss, self_loss=self.self_loss,
-            alpha=_default(self.alpha, EMBEDDED_ALPHA if embedded else REFERENCE_ALPHA),
+            alpha=_default(self.alpha, preset.alpha),
             temperature=self.temperature,
             teacher_temperature=_default(self.teacher_temperature,
-                                         EMBEDDED_TEACHER_TEMPERATURE if embedded and self.distill_loss == "kl" else 1.0),
-            entropy_temperature=_default(self.entropy_temperature,
-                                         EMBEDDED_ENTROPY_TEMPERATURE if embedded else REFERENCE_ENTROPY_TEMPERATURE),
-            alpha_schedule=_default(self.alpha_schedule, EMBEDDED_ALPHA_SCHEDULE if embedded else "constant"),
-            alpha_end=_default(self.alpha_end, EMBEDDED_ALPHA_END if embedded and self.alpha_schedule is None else None),
+                                         preset.teacher_temperature if self.distill_loss == "kl" else 1.0),
+            entropy_temperature=_default(self.entropy_temperature, preset.entropy_temperature),
+            alpha_schedule=_default(self.alpha_schedule, preset.alpha_schedule),
+            alpha_end=_default(self.alpha_end, preset.alpha_end if self.alpha_schedule is None else None),
             dynamic=self.dynamic, selection=self.selection, contrastive_in_mix=self.contrastive_in_mix,
             self_candidates=self.self_candidates, drop_false_negatives=self.drop_false_negatives,
             use_teacher=use_teacher,
         )
+
+    def recipe(self, total_steps: Optional[int] = None):
+        """The resolved :class:`dcd.recipes.Recipe` of these settings."""
+        return resolve(self, total_steps)
 
 
 def _default(value, fallback):
@@ -191,12 +161,13 @@ def load_data(settings: DistillSettings) -> Dict[str, CaptionSplit]:
 def load_teacher(settings: DistillSettings, splits: Dict[str, CaptionSplit]) -> Tuple[Scorer, Dict[str, Any]]:
     """The official / user checkpoint, or the embedded default's teacher (trained once, then reused)."""
     if settings.teacher_checkpoint:
-        model = teachers.create_model(settings.teacher, checkpoint=settings.teacher_checkpoint)
+        model = teachers.create_model(settings.teacher, checkpoint=settings.teacher_checkpoint, **settings.teacher_config)
         return model, {"source": settings.teacher_checkpoint}
-    if settings.data != "synthetic":
+    if not settings.preset().trains_teacher:
         raise ValueError(f"--data {settings.data} needs --teacher-checkpoint (the fine-tuned {settings.teacher} "
                          "retrieval checkpoint); only the embedded data set has a teacher dcd can train itself")
-    return embedded_teacher(settings.teacher, splits["train"], device=settings.device, progress=settings.progress)
+    return embedded_teacher(settings.teacher, splits["train"], device=settings.device, progress=settings.progress,
+                            overrides=settings.teacher_config)
 
 
 def build_dual(settings: DistillSettings, teacher: Scorer) -> Scorer:
@@ -309,14 +280,14 @@ def equal_time_dual(seconds: float, splits: Dict[str, CaptionSplit], run_dir: Pa
 
 def teacher_score_cache(teacher: Scorer, settings: DistillSettings, train: CaptionSplit, run_dir: Path):
     """Precompute the teacher's scores on fixed random pools once (:class:`~dcd.score_cache.TeacherScoreCache`)."""
-    if not settings.score_cache or settings.negatives != "random" or "i2t" not in settings.dcd_config().directions:
+    pool = settings.recipe().score_cache
+    if pool is None:
         return None
     from .score_cache import TeacherScoreCache
 
-    negatives = settings.dcd_config().num_negatives
-    near = negatives if settings.data == "synthetic" else 0  # half of each pool from caption-word neighbours
-    return TeacherScoreCache.build(teacher, train, run_dir / "teacher_scores", pool_size=2 * negatives,
-                                   seed=0, device=settings.device, progress=settings.progress, near=near)
+    return TeacherScoreCache.build(teacher, train, run_dir / "teacher_scores", pool_size=pool["pool_size"],
+                                   seed=pool["seed"], device=settings.device, progress=settings.progress,
+                                   near=pool["near"])
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -387,6 +358,9 @@ def run_distill(settings: DistillSettings) -> Dict[str, Any]:
     started = time.time()
     splits = load_data(settings)
     log.info("data: %s", ", ".join(s.summary() for s in splits.values()))
+    if is_main_process():  # what this run does, resolved (``dcd distill --print-recipe`` shows the same)
+        recipe = settings.recipe(training_steps(settings.budget(), splits["train"].num_captions)).to_dict()
+        atomic_write(run_dir / "recipe.json", lambda tmp: Path(tmp).write_text(json.dumps(recipe, indent=1)))
     teacher_model, teacher_info = load_teacher(settings, splits)
     teacher = teachers.as_teacher(teacher_model).to(settings.device)
     cache = teacher_score_cache(teacher, settings, splits["train"], run_dir)

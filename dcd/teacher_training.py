@@ -26,6 +26,7 @@ The trained model is saved with ``save_pretrained`` (safetensors + config) under
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -141,20 +142,31 @@ def finetune_teacher(model: Scorer, train: CaptionSplit, val: Optional[CaptionSp
     return trainer.fit(resume=True)
 
 
-def teacher_dir(family: str, train: CaptionSplit) -> Path:
-    """Where the embedded teacher of ``family`` for this data set lives (one per data set build)."""
+def teacher_dir(family: str, train: CaptionSplit, overrides: Optional[Dict[str, Any]] = None) -> Path:
+    """Where the embedded teacher of ``family`` for this data set lives (one per data set build, and one per
+    set of config overrides, so trying an override never clears the default teacher)."""
     source = Path(str(train.source))
-    return dcd_home() / "teachers" / f"{family}-{source.parent.name}"
+    suffix = ""
+    if overrides:
+        suffix = "-" + hashlib.sha1(json.dumps(overrides, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return dcd_home() / "teachers" / f"{family}-{source.parent.name}{suffix}"
 
 
 def embedded_teacher(family: str, train: CaptionSplit, device: str = "cpu", progress: bool = True,
-                     evaluate_on: Optional[CaptionSplit] = None) -> Tuple[Scorer, Dict[str, Any]]:
-    """The embedded default's teacher of ``family``: trained once, then loaded from disk."""
+                     evaluate_on: Optional[CaptionSplit] = None,
+                     overrides: Optional[Dict[str, Any]] = None) -> Tuple[Scorer, Dict[str, Any]]:
+    """The embedded default's teacher of ``family``: trained once, then loaded from disk.
+
+    ``overrides`` (``--teacher-config key=value``) change the preset's config, e.g. ``num_layers=6``; such a
+    teacher is trained and kept in a folder of its own.
+    """
     if family not in EMBEDDED_TEACHERS:
         raise ValueError(f"no embedded recipe for teacher {family!r}; known: {sorted(EMBEDDED_TEACHERS)} "
                          "(bring a checkpoint with --teacher-checkpoint)")
     recipe = EMBEDDED_TEACHERS[family]
-    directory = teacher_dir(family, train)
+    if overrides:
+        recipe = {**recipe, "overrides": {**recipe["overrides"], **overrides}}
+    directory = teacher_dir(family, train, overrides)
     weights, info_path = directory / "model", directory / "teacher.json"
     # a teacher trained (or half-trained) by another recipe is cleared, never reused or resumed
     if claim_run_dir(directory, recipe, is_main_process()) and info_path.is_file():

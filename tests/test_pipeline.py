@@ -58,6 +58,9 @@ def test_distill_end_to_end_on_a_fixture_with_a_checkpoint(fixture_json, tmp_pat
     for row in results["results"]:
         assert 0 <= row["i2t_r1"] <= 100 and row["seconds"] > 0 and row["model"] in printed
     assert results["training"]["dcd"]["steps"] == 2 and results["training"]["baseline"]["dcd"]["use_teacher"] is False
+    recipe = json.loads((out / "recipe.json").read_text())  # the resolved recipe, kept beside the results
+    assert recipe["name"] == "reference" and recipe["dcd"]["total_steps"] == 2
+    assert recipe["teacher"]["checkpoint"] == str(teacher_dir) and recipe["budget"]["max_steps"] == 2
     for stage in ("baseline", "dcd", "fusion"):
         assert (out / stage / "student" / "config.json").is_file()
         assert (out / stage / "checkpoint.pt").is_file()
