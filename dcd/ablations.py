@@ -112,6 +112,7 @@ def run_ablations(settings: DistillSettings, seeds: Sequence[int] = (0, 1, 2),
                               teacher_eval["metrics"], eval_seconds=teacher_eval["elapsed_s"]))
     if is_main_process():
         write_results(records, results_json or root / "compression.json")
+        plot_val_curves(root, records, (results_json or root / "compression.json").with_name("compression_curves.png"))
     return records
 
 
@@ -164,6 +165,21 @@ def summarise(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return rows
 
 
+def paired_differences(records: List[Dict[str, Any]], metric: str = "test_rsum") -> List[Dict[str, Any]]:
+    """Each method minus the baseline of the same teacher, student kind and seed: seeds pair the runs (same
+    start, same batches), so the spread of the differences is the noise the comparison has to beat."""
+    baseline = {(r["teacher"], r["student"], r["seed"]): r[metric] for r in records
+                if r["method"] == "baseline" and metric in r}
+    groups: Dict[tuple, List[float]] = {}
+    for r in records:
+        key = (r["teacher"], r["student"], r["seed"])
+        if r["method"] not in ("baseline", "teacher") and key in baseline and metric in r:
+            groups.setdefault((r["teacher"], r["student"], r["method"]), []).append(r[metric] - baseline[key])
+    return [{"teacher": t, "student": k, "method": m, "pairs": len(d), "mean": statistics.fmean(d),
+             "std": statistics.stdev(d) if len(d) > 1 else 0.0, "differences": d}
+            for (t, k, m), d in groups.items()]
+
+
 def markdown_table(records: List[Dict[str, Any]]) -> str:
     """Mean +- std over seeds per row; the teacher first, then each student kind's methods."""
     def cell(row, key):
@@ -177,7 +193,51 @@ def markdown_table(records: List[Dict[str, Any]]) -> str:
         lines.append(f"| {row['teacher']} | {row['student']} | {row['method']} | {row['params'] / 1e6:.2f} | "
                      f"{row['seeds']} | {cell(row, 'val_rsum')} | {cell(row, 'test_rsum')} | "
                      f"{cell(row, 'test_i2t_r1')} | {cell(row, 'test_t2i_r1')} | {cell(row, 'test_binding')} |")
+    pairs = paired_differences(records)
+    if pairs:
+        lines += ["", "Test RSUM minus the baseline of the same seed:", "",
+                  "| teacher | student | method | pairs | mean ± std | per seed |", "|---|---|---|---|---|---|"]
+        for p in pairs:
+            lines.append(f"| {p['teacher']} | {p['student']} | {p['method']} | {p['pairs']} | "
+                         f"{p['mean']:+.1f} ± {p['std']:.1f} | {', '.join(f'{d:+.1f}' for d in p['differences'])} |")
     return "\n".join(lines)
+
+
+def plot_val_curves(root: Path, records: List[Dict[str, Any]], path: Path) -> Optional[Path]:
+    """Validation RSUM after each epoch, one line per trained run, one colour per method: whether the
+    budget reached the plateau (the runs' metrics logs under ``root``)."""
+    from .report import read_metrics
+
+    curves: Dict[str, List[List[tuple]]] = {}
+    for r in records:
+        if r["method"] == "teacher":
+            continue
+        log_path = root / r["student"] / r["method"] / f"seed{r['seed']}" / "metrics.jsonl"
+        points = [(m["epoch"], m["eval"]["rsum"]) for m in read_metrics(log_path) if "rsum" in m.get("eval", {})]
+        if points:
+            curves.setdefault(f"{r['student']} {r['method']}", []).append(points)
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for i, (name, runs) in enumerate(sorted(curves.items())):
+        for j, points in enumerate(runs):
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, color=f"C{i}", marker="o", markersize=3, alpha=0.8, label=name if j == 0 else None)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("val RSUM")
+    ax.set_title("validation RSUM over training (one line per seed)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def plot(records: List[Dict[str, Any]], path: Path) -> Optional[Path]:

@@ -316,3 +316,17 @@ def test_summary_means_and_stds():
     (row,) = ablations.summarise(records)
     assert row["test_rsum"] == pytest.approx(410.0) and row["test_rsum_std"] == pytest.approx(10.0)
     assert math.isfinite(row["test_rsum_std"]) and row["seeds"] == 3
+
+
+def test_paired_differences_and_val_curves(tmp_path):
+    records = [{"teacher": "meter", "student": "dual", "method": m, "seed": s, "params": 1, "test_rsum": v}
+               for m, s, v in (("baseline", 0, 300.0), ("baseline", 1, 310.0), ("dcd", 0, 305.0), ("dcd", 1, 309.0),
+                               ("dcd", 2, 400.0))]  # seed 2 has no baseline: left out of the pairs
+    (pair,) = ablations.paired_differences(records)
+    assert pair["method"] == "dcd" and pair["differences"] == [5.0, -1.0] and pair["mean"] == pytest.approx(2.0)
+    assert "| meter | dual | dcd | 2 | +2.0 ± 4.2 | +5.0, -1.0 |" in ablations.markdown_table(records)
+    log = tmp_path / "dual" / "dcd" / "seed0" / "metrics.jsonl"
+    log.parent.mkdir(parents=True)
+    log.write_text("\n".join(json.dumps({"step": e * 10, "epoch": e, "eval": {"rsum": 100.0 + e}}) for e in (1, 2)))
+    assert ablations.plot_val_curves(tmp_path, records, tmp_path / "curves.png").is_file()
+    assert ablations.plot_val_curves(tmp_path / "empty", records, tmp_path / "none.png") is None
