@@ -41,6 +41,8 @@ def _distill_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the undistilled baseline")
     g.add_argument("--no-fusion", dest="fusion", action="store_false",
                    help="skip the fusion student (and its re-rank row)")
+    g.add_argument("--exhaustive-fusion", action="store_true",
+                   help="also rank every (image, caption) pair with the fusion students, not only the dual's top-k")
     t = p.add_argument_group("training budget (defaults: embedded ~15 min on 2 CPU cores / reference on real data)")
     t.add_argument("--epochs", type=int)
     t.add_argument("--max-steps", type=int, help="stop each student after this many optimiser steps")

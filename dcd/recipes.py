@@ -159,7 +159,8 @@ def resolve(settings, total_steps: Optional[int] = None) -> Recipe:
         student={"name": settings.student_name(), "checkpoint": settings.student_checkpoint},
         budget=settings.budget(), dcd=config.to_dict(), score_cache=cache, group_size=settings.student_group_size(),
         seed=settings.seed, precision=settings.precision, device=settings.device,
-        stages={"baseline": settings.baseline, "fusion": settings.fusion, "rerank_k": settings.rerank_k},
+        stages={"baseline": settings.baseline, "fusion": settings.fusion, "rerank_k": settings.rerank_k,
+                "exhaustive_fusion": settings.exhaustive_fusion},
         output={"out": str(settings.run_dir()), "progress": settings.progress, "num_workers": settings.num_workers},
     )
 

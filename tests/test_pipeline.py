@@ -51,10 +51,13 @@ def test_distill_end_to_end_on_a_fixture_with_a_checkpoint(fixture_json, tmp_pat
     printed = capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
     names = [row["model"] for row in results["results"]]
-    assert names == ["teacher", "baseline dual", "dcd dual", "baseline fusion", "dcd fusion",
+    # fusion students are re-rankers: measured on the dual student's top-k (--exhaustive-fusion: on every pair)
+    assert names == ["teacher", "baseline dual", "dcd dual", "dual top-3 -> baseline fusion",
                      "dual top-3 -> dcd fusion", "dual top-3 -> teacher"]
-    assert all(row["params"] > 0 for row in results["results"][:5])
+    assert all(row["params"] > 0 for row in results["results"][:3])
     assert all(row["params"] < results["results"][0]["params"] for row in results["results"][1:5])
+    for stage in ("fusion-baseline", "fusion"):
+        assert results["training"][stage]["steps"] == 2
     for row in results["results"]:
         assert 0 <= row["i2t_r1"] <= 100 and row["seconds"] > 0 and row["model"] in printed
     assert results["training"]["dcd"]["steps"] == 2 and results["training"]["baseline"]["dcd"]["use_teacher"] is False
