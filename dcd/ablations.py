@@ -9,7 +9,8 @@ and a record is reused only while the student's identity (:func:`dcd.pipeline.st
 unchanged. The teacher's test scores come from :func:`dcd.score_matrices.cached_score_matrix`.
 
 Outputs: ``compression.json`` (one record per trained model and one per teacher), ``compression.md``
-(mean +- std over seeds per row) and ``compression.png`` (test RSUM per method, teacher as a line).
+(mean +- std over seeds per row, and each method minus the baseline of the same seed), ``compression.png``
+(test RSUM per method, teacher as a line) and ``compression_curves.png`` (val RSUM per epoch, every run).
 """
 from __future__ import annotations
 
@@ -111,8 +112,9 @@ def run_ablations(settings: DistillSettings, seeds: Sequence[int] = (0, 1, 2),
     records.insert(0, _record(settings.teacher, "teacher", "teacher", None, count_parameters(teacher_model), None,
                               teacher_eval["metrics"], eval_seconds=teacher_eval["elapsed_s"]))
     if is_main_process():
-        write_results(records, results_json or root / "compression.json")
-        plot_val_curves(root, records, (results_json or root / "compression.json").with_name("compression_curves.png"))
+        results_json = Path(results_json or root / "compression.json")
+        write_results(records, results_json)
+        plot_val_curves(root, records, results_json.with_name(results_json.stem + "_curves.png"))
     return records
 
 
