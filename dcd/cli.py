@@ -1,4 +1,5 @@
-"""``dcd`` command line: ``dcd data``, ``dcd teacher``, ``dcd distill``, ``dcd eval``, ``dcd index``, ``dcd search``.
+"""``dcd`` command line: ``dcd data``, ``dcd teacher``, ``dcd distill``, ``dcd eval``, ``dcd index``, ``dcd search``,
+``dcd list``.
 
 The Makefile variables map onto these options (``make distill TEACHER=vilt DATA=coco ...``). Under
 ``torchrun`` the process group is initialised from the environment (gloo on CPU, nccl on CUDA) and
@@ -144,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_index_parser(sub)
     add_search_parser(sub)
+    sub.add_parser("list", allow_abbrev=False, help="what is registered: teachers, students, student families, data sets")
     return parser
 
 
@@ -252,6 +254,11 @@ def _run(args: argparse.Namespace) -> int:
         for split in ("train", "val", "test"):
             print(load_split(str(path), split=split).summary())
         print(f"written: {path}")
+        return 0
+    if args.command == "list":
+        from .catalog import format_catalog
+
+        print(format_catalog())
         return 0
 
     _check_device(args.device)

@@ -177,7 +177,7 @@ def build_dual(settings: DistillSettings, teacher: Scorer) -> Scorer:
     if settings.student_checkpoint:
         return students.load_student(settings.student_checkpoint)
     name = settings.student_name(teacher)
-    if name not in students.list_students():
+    if name not in students.STUDENTS:
         raise ValueError(f"--student {name!r} is not a registered student; known: {', '.join(students.list_students())}")
     if name == "dual" and teacher is not None and teacher.family == "meter":
         return students.create_student("dual", teacher=teacher)  # METER's own towers: pretrained offline

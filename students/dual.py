@@ -7,13 +7,14 @@ gallery is one matrix product.
 Towers are chosen in :class:`DualEncoderConfig`:
 
 * image: a timm model built from its name (``pretrained=False``: no network; ``image_checkpoint`` may
-  name a local weights file), or ``"meter"`` -- a METER teacher's CLIP ViT + ``cross_modal_image_transform``;
+  name a local weights file), or a teacher family's name (``"meter"``) -- that teacher's image tower;
 * text: a transformers ``AutoModel`` from a local path / hub id (``"minilm"`` = the packaged pretrained
   MiniLM-L6, usable offline) or from a config dict, optionally truncated to its first ``text_layers``
-  layers; or ``"meter"`` -- the teacher's text encoder + ``cross_modal_text_transform``.
+  layers; or a teacher family's name -- that teacher's text tower.
 
-``DualEncoder.from_teacher(meter)`` copies the METER towers so a user holding only a METER checkpoint
-gets a pretrained student offline. ``save_pretrained`` / ``from_pretrained`` store ``config.json``
+``DualEncoder.from_teacher(teacher)`` copies a cross-encoder teacher's towers (``teacher.unimodal_towers()``,
+:mod:`teachers.base`), so a user holding only a METER checkpoint gets a pretrained student offline; no
+teacher family's module is imported here, the family is reached through the teacher registry. ``save_pretrained`` / ``from_pretrained`` store ``config.json``
 (``"family": "dual"``) and ``model.safetensors``; the config alone rebuilds the architecture.
 """
 from __future__ import annotations
@@ -29,13 +30,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from teachers.base import Features, Inputs, Scorer, Teacher
+import teachers
+from teachers.base import Features, Inputs, Scorer, unimodal_towers
 from teachers.tokenizers import load_tokenizer, minilm_path
 
 from . import hub
 
-__all__ = ["DualEncoder", "DualEncoderConfig", "SMALL_DUAL", "dual_minilm1_vit128x2", "dual_tiny", "dual_test",
-           "truncate_text_layers"]
+__all__ = ["DualEncoder", "DualEncoderConfig", "SMALL_DUAL", "dual_bert32x1_vit32x1", "dual_minilm1_vit128x2",
+           "dual_minilm2_vit192x4", "dual_minilm6_vit192x4", "dual_test", "truncate_text_layers"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -46,7 +48,7 @@ class DualEncoderConfig:
     """Everything needed to rebuild a :class:`DualEncoder` (JSON round trip via ``to_dict``/``from_dict``)."""
 
     # ---- image tower
-    image_tower: str = "timm"  # "timm" | "meter"
+    image_tower: str = "timm"  # "timm" | a teacher family with towers ("meter")
     timm_model: str = "vit_tiny_patch16_224"
     timm_kwargs: Dict[str, Any] = field(default_factory=lambda: {"img_size": 64, "patch_size": 8, "depth": 4})
     image_checkpoint: Optional[str] = None  # local timm weights file, loaded when building pretrained towers
@@ -56,7 +58,7 @@ class DualEncoderConfig:
     image_std: Optional[Tuple[float, float, float]] = None
     train_augment: bool = False  # mild RandomResizedCrop(scale 0.9-1) in image_transform(train=True)
     # ---- text tower
-    text_tower: str = "hf"  # "hf" | "meter"
+    text_tower: str = "hf"  # "hf" | a teacher family with towers ("meter")
     text_model: Optional[str] = "minilm"  # "minilm" (packaged), local directory or hub id
     text_config: Optional[Dict[str, Any]] = None  # transformers config dict (with "model_type")
     text_layers: Optional[int] = None  # keep only the first N transformer layers
@@ -64,7 +66,8 @@ class DualEncoderConfig:
     freeze_word_embeddings: bool = False  # keep the pretrained word table fixed (on a small caption set)
     tokenizer: str = "minilm"
     max_text_len: int = 40
-    # ---- METER towers (image_tower/text_tower == "meter"): the teacher's own sub-config
+    # ---- a teacher's towers (image_tower / text_tower name its family): the ``Towers.config`` that rebuilds
+    # them (the field kept its first family's name, so that saved students load)
     meter_config: Optional[Dict[str, Any]] = None
     # ---- heads
     embed_dim: int = 256
@@ -72,14 +75,19 @@ class DualEncoderConfig:
     max_logit_scale: float = math.log(100.0)
 
     def __post_init__(self) -> None:
-        if self.image_tower not in ("timm", "meter"):
-            raise ValueError(f"image_tower must be 'timm' or 'meter', got {self.image_tower!r}")
-        if self.text_tower not in ("hf", "meter"):
-            raise ValueError(f"text_tower must be 'hf' or 'meter', got {self.text_tower!r}")
+        families = {t for t, own in ((self.image_tower, "timm"), (self.text_tower, "hf")) if t != own}
+        if len(families) > 1:
+            raise ValueError(f"image_tower {self.image_tower!r} and text_tower {self.text_tower!r} name two teacher "
+                             "families; a dual student takes its teacher towers from one")
         if self.text_pooling not in ("mean", "cls"):
             raise ValueError(f"text_pooling must be 'mean' or 'cls', got {self.text_pooling!r}")
-        if "meter" in (self.image_tower, self.text_tower) and self.meter_config is None:
-            raise ValueError("a 'meter' tower needs meter_config (use DualEncoder.from_teacher(meter_model))")
+        family = self.teacher_family
+        if family is not None and self.meter_config is None:
+            raise ValueError(f"a {family!r} tower needs meter_config, the teacher's Towers.config "
+                             "(use DualEncoder.from_teacher(teacher))")
+        if family is not None and family not in teachers.TEACHERS:
+            raise ValueError(f"image_tower {self.image_tower!r} / text_tower {self.text_tower!r}: "
+                             f"{teachers.TEACHERS.unknown(family)} (or 'timm' / 'hf' towers)")
         if self.text_tower == "hf" and self.text_model is None and self.text_config is None:
             raise ValueError("the 'hf' text tower needs text_model (path / hub id / 'minilm') or text_config")
         if self.freeze_word_embeddings and self.text_tower != "hf":
@@ -98,6 +106,13 @@ class DualEncoderConfig:
                 setattr(self, name, tuple(float(v) for v in value))
         if self.embed_dim < 1 or self.max_text_len < 2 or self.image_size < 1:
             raise ValueError("embed_dim, image_size must be >= 1 and max_text_len >= 2")
+
+    @property
+    def teacher_family(self) -> Optional[str]:
+        """The teacher family whose towers this student has (None: timm / transformers towers)."""
+        if self.image_tower != "timm":
+            return self.image_tower
+        return self.text_tower if self.text_tower != "hf" else None
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -227,40 +242,14 @@ def _sincos_position_table(vit: nn.Module) -> None:
         table.copy_(start[None])
 
 
-class MeterImageTower(nn.Module):
-    """A METER teacher's CLIP ViT + ``cross_modal_image_transform``; the class token."""
-
-    def __init__(self, vit_model: nn.Module, transform: nn.Linear):
-        super().__init__()
-        self.vit_model = vit_model
-        self.cross_modal_image_transform = transform
-        self.width = int(transform.out_features)
-
-    def forward(self, images: Inputs) -> Tensor:
-        tokens = self.vit_model(images["pixel_values"])
-        return self.cross_modal_image_transform(tokens[:, 0])
-
-
-class MeterTextTower(nn.Module):
-    """A METER teacher's text encoder + ``cross_modal_text_transform``; the ``<s>`` / [CLS] token."""
-
-    def __init__(self, text_transformer: nn.Module, transform: nn.Linear):
-        super().__init__()
-        self.text_transformer = text_transformer
-        self.cross_modal_text_transform = transform
-        self.width = int(transform.out_features)
-
-    def forward(self, texts: Inputs) -> Tensor:
-        out = self.text_transformer(input_ids=texts["input_ids"], attention_mask=texts["attention_mask"])
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        return self.cross_modal_text_transform(hidden[:, 0])
-
-
 def _build_towers(config: DualEncoderConfig, pretrained: bool) -> Tuple[nn.Module, nn.Module]:
     """The towers ``config`` names; fills in what the towers decide (timm mean/std, the text config)."""
     visual = text = None
-    if config.image_tower == "meter" or config.text_tower == "meter":
-        visual, text = _meter_towers(config)
+    family = config.teacher_family
+    if family is not None:  # a teacher's towers (random weights: from_pretrained loads the saved ones)
+        towers = teachers.build_towers(family, config.meter_config)
+        visual = towers.image if config.image_tower == family else None
+        text = towers.text if config.text_tower == family else None
     if config.image_tower == "timm":
         visual = TimmImageTower(config, pretrained)
         if config.image_mean is None or config.image_std is None:
@@ -287,7 +276,7 @@ class DualEncoder(Scorer):
         towers: Optional[Tuple[nn.Module, nn.Module]] = None,
         **overrides,
     ):
-        """Build from ``config`` (defaults: the embedded default, :func:`dual_tiny`).
+        """Build from ``config`` (defaults: :func:`dual_minilm6_vit192x4`).
 
         Args:
             config: the architecture; keyword ``overrides`` replace its fields.
@@ -371,27 +360,29 @@ class DualEncoder(Scorer):
     # ----------------------------------------------------------------- teachers
     @classmethod
     def from_teacher(cls, teacher_model: Scorer, embed_dim: int = 256, **overrides) -> "DualEncoder":
-        """A dual encoder whose towers are deep copies of a METER teacher's unimodal towers.
+        """A dual encoder whose towers are deep copies of a cross-encoder teacher's unimodal towers.
 
-        Image: the teacher's CLIP ViT (``vit_model``) + ``cross_modal_image_transform``, class token; text:
-        ``text_transformer`` + ``cross_modal_text_transform``, first token. The tokenizer, image size and
-        normalisation are the teacher's. Projections and ``logit_scale`` are new. ViLT has no unimodal
-        towers (single stream) and is refused.
+        The towers come from the teacher's ``unimodal_towers()`` (:class:`teachers.Towers`; METER: its CLIP
+        ViT + ``cross_modal_image_transform`` on the class token, ``text_transformer`` +
+        ``cross_modal_text_transform`` on the first token), with the tokenizer, image size and normalisation
+        they expect. Projections and ``logit_scale`` are new. A single-stream teacher (ViLT) has no towers
+        and is refused with ``NotImplementedError``.
         """
-        model = teacher_model.model if isinstance(teacher_model, Teacher) else teacher_model
-        family = getattr(model, "family", type(model).__name__)
-        if family == "vilt":
-            raise NotImplementedError(
-                "ViLT is single-stream: it has no unimodal image or text tower to copy into a dual encoder. "
-                "Build the dual student from timm / transformers towers instead, e.g. create_student('dual') "
-                "or DualEncoder(DualEncoderConfig(timm_model=..., text_model=...))."
-            )
-        if family != "meter":
-            raise NotImplementedError(
-                f"DualEncoder.from_teacher supports METER teachers only, not {family!r}; "
-                "build the dual student from timm / transformers towers instead"
-            )
-        return _from_meter(cls, model, embed_dim=embed_dim, **overrides)
+        towers = unimodal_towers(teacher_model)
+        prep = towers.preprocessing
+        config = DualEncoderConfig(
+            image_tower=towers.family, text_tower=towers.family, meter_config=dict(towers.config), timm_kwargs={},
+            text_model=None, text_pooling="cls", tokenizer=str(prep["tokenizer"]),
+            max_text_len=int(prep["max_text_len"]), image_size=int(prep["image_size"]),
+            image_mean=tuple(prep["image_mean"]), image_std=tuple(prep["image_std"]),
+            train_augment=bool(prep.get("train_augment", False)), embed_dim=embed_dim,
+        )
+        if overrides:
+            config = DualEncoderConfig.from_dict({**config.to_dict(), **overrides})
+        student = cls(config, towers=(copy.deepcopy(towers.image), copy.deepcopy(towers.text)))
+        for p in student.parameters():  # a Teacher's parameters are frozen; the copies are ours to train
+            p.requires_grad_(True)
+        return student.train()
 
     # ----------------------------------------------------------------- serialisation
     def save_pretrained(self, directory: str | Path) -> Path:
@@ -422,52 +413,23 @@ class _ToRGB:
         return "ToRGB()"
 
 
-# --------------------------------------------------------------------------------------------- METER towers
-def _meter_config_dict(meter: nn.Module) -> Dict[str, Any]:
-    config = meter.config
-    if hasattr(config, "to_dict"):
-        return config.to_dict()
-    if dataclasses.is_dataclass(config):
-        return dataclasses.asdict(config)
-    return dict(config)
-
-
-def _meter_towers(config: DualEncoderConfig) -> Tuple[Optional[nn.Module], Optional[nn.Module]]:
-    """Rebuild METER towers (random weights) from the stored METER sub-config, for ``from_pretrained``.
-
-    The METER is built with a single co-attention layer: only its towers and transforms are kept.
-    """
-    from teachers.meter import METER
-
-    meter = METER.from_config({**config.meter_config, "num_fusion_layers": 1})
-    visual = MeterImageTower(meter.vit_model, meter.cross_modal_image_transform) if config.image_tower == "meter" else None
-    text = MeterTextTower(meter.text_transformer, meter.cross_modal_text_transform) if config.text_tower == "meter" else None
-    return visual, text
-
-
-def _from_meter(cls, meter: nn.Module, embed_dim: int, **overrides) -> DualEncoder:
-    meter_config = _meter_config_dict(meter)
-    config = DualEncoderConfig(
-        image_tower="meter", text_tower="meter", meter_config=meter_config, timm_kwargs={},
-        text_model=None, text_pooling="cls", tokenizer=str(meter_config["tokenizer"]),
-        max_text_len=int(meter_config["max_text_len"]), image_size=int(meter_config["image_size"]),
-        image_mean=tuple(meter_config["image_mean"]), image_std=tuple(meter_config["image_std"]),
-        train_augment=bool(meter_config.get("train_augment", False)), embed_dim=embed_dim,
-    )
-    if overrides:
-        config = DualEncoderConfig.from_dict({**config.to_dict(), **overrides})
-    visual = MeterImageTower(copy.deepcopy(meter.vit_model), copy.deepcopy(meter.cross_modal_image_transform))
-    text = MeterTextTower(copy.deepcopy(meter.text_transformer), copy.deepcopy(meter.cross_modal_text_transform))
-    student = cls(config, towers=(visual, text))
-    for p in student.parameters():  # a Teacher's parameters are frozen; the copies are ours to train
-        p.requires_grad_(True)
-    return student.train()
-
-
 # --------------------------------------------------------------------------------------------- presets
-def dual_tiny(**overrides) -> DualEncoder:
-    """The embedded default: a 4-block ViT-Tiny at 64 px (random init) + the packaged pretrained MiniLM-L6."""
+# Each preset's name states its size, dual-<text tower><layers>-vit<width>x<blocks>, with one spelling: the
+# registry (students/__init__.py), the pipeline, --help and the README use these names, and the function of
+# the same name (dashes as underscores) builds it.
+
+def dual_minilm6_vit192x4(**overrides) -> DualEncoder:
+    """4-block ViT-Tiny (192 wide, 64 px, patch 8, random init) + the packaged pretrained MiniLM-L6, all 6 layers.
+
+    ``DualEncoderConfig``'s defaults."""
     return DualEncoder(DualEncoderConfig(), **overrides)
+
+
+def dual_minilm2_vit192x4(**overrides) -> DualEncoder:
+    """4-block ViT-Tiny (192 wide, 64 px, patch 8, random init) + the packaged MiniLM's first 2 layers.
+
+    The index benchmark's end-to-end model."""
+    return DualEncoder(DualEncoderConfig(text_layers=2), **overrides)
 
 
 #: the embedded students' size, strictly below the embedded METER teacher in every tower: a 2-block 128-wide
@@ -486,8 +448,8 @@ def dual_minilm1_vit128x2(**overrides) -> DualEncoder:
     return DualEncoder(config, **overrides)
 
 
-def dual_test(**overrides) -> DualEncoder:
-    """Minutes-free unit-test size: 1-block 32-wide ViT at 32 px + a 1-layer 32-wide BERT (random init)."""
+def dual_bert32x1_vit32x1(**overrides) -> DualEncoder:
+    """Unit-test size: a 1-block 32-wide ViT (32 px, patch 8) + a 1-layer 32-wide BERT, random init."""
     config = DualEncoderConfig(
         timm_model="vit_tiny_patch16_224",
         timm_kwargs={"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2},
@@ -501,3 +463,8 @@ def dual_test(**overrides) -> DualEncoder:
         embed_dim=16,
     )
     return DualEncoder(config, **overrides)
+
+
+#: the unit-test preset's earlier name, kept because the test suite builds its students with it (deprecated
+#: in the registry: ``create_student("dual_test")`` warns and builds ``dual-bert32x1-vit32x1``)
+dual_test = dual_bert32x1_vit32x1

@@ -14,7 +14,12 @@ poolers and score head. ``FusionStudent.from_teacher(teacher)`` builds exactly t
 The student is a ``Scorer`` that delegates to the shrunken model, so METER's per-modality caching
 still applies (towers once per image / caption, fusion per pair). ``save_pretrained(dir)`` writes the
 inner model in its own format under ``dir/model/`` and ``dir/config.json`` with ``"family": "fusion"``,
-``"teacher_family"``, ``"layers"`` and the frozen module names.
+``"teacher_family"``, ``"layers"`` and the frozen module names; ``from_pretrained`` reads the inner model
+back through the teacher registry (``teachers.create_model(teacher_family, checkpoint=dir/model)``).
+
+What this module needs of a teacher is the interface of :mod:`teachers.base` (``shrink``,
+``num_fusion_layers``, ``fusion_frozen``, ``save_pretrained``); it imports no teacher family, so a family
+registered with ``teachers.register_teacher`` gets a fusion student with no edit here.
 """
 from __future__ import annotations
 
@@ -26,65 +31,40 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from teachers.base import Features, Inputs, Scorer, Teacher
+import teachers
+from teachers.base import Features, Inputs, Scorer, Teacher, num_fusion_layers
 
 from . import hub
 
-__all__ = ["FusionStudent", "default_fusion_layers", "register_fusion_family"]
+__all__ = ["FusionStudent", "default_fusion_layers", "num_fusion_layers", "register_fusion_family"]
 
 MODEL_DIR = "model"
 
-#: teacher family -> ("module:Class" of the architecture, modules frozen in the student by default)
-_FUSION_FAMILIES: Dict[str, Tuple[str, Tuple[str, ...]]] = {
-    "meter": (
-        "teachers.meter:METER",
-        ("vit_model", "text_transformer", "cross_modal_image_transform", "cross_modal_text_transform",
-         "token_type_embeddings", "itm_score"),
-    ),
-    "vilt": ("teachers.vilt:ViLT", ()),
-}
-
+#: teacher family -> modules frozen in its fusion students, for families registered through
+#: ``register_fusion_family`` (a family's own default is its model's ``fusion_frozen``)
+_FROZEN: Dict[str, Tuple[str, ...]] = {}
 
 def register_fusion_family(family: str, model_class: str | type, frozen: Sequence[str] = ()) -> None:
-    """Let ``FusionStudent`` wrap another cross-encoder family.
+    """Let ``FusionStudent`` wrap another cross-encoder family: a thin wrapper over ``teachers.register_teacher``.
 
-    Its architecture class must implement ``shrink(layer_indices)`` (a deep-copied shallower model),
-    ``save_pretrained(dir)`` and ``from_pretrained(dir)``, and expose its depth as ``num_fusion_layers``.
+    ``model_class`` (a class, or ``"module:Class"``) must implement ``shrink(layer_indices)`` (a deep-copied
+    shallower model), ``save_pretrained(dir)`` and ``from_pretrained(dir)``, and expose its depth as
+    ``num_fusion_layers``. It is registered as teacher family ``family`` (``checkpoint=dir`` reads a saved
+    model, config fields build one) unless that family is registered already; ``frozen`` names the modules
+    its fusion students keep fixed.
     """
-    if isinstance(model_class, type):
-        model_class = f"{model_class.__module__}:{model_class.__qualname__}"
-    _FUSION_FAMILIES[family] = (model_class, tuple(frozen))
+    if isinstance(model_class, str):
+        module_name, _, class_name = model_class.partition(":")
+        obj = importlib.import_module(module_name)
+        for part in class_name.split("."):
+            obj = getattr(obj, part)
+        model_class = obj
+    if family not in teachers.TEACHERS:
+        def factory(checkpoint=None, **config):
+            return model_class.from_pretrained(Path(checkpoint)) if checkpoint is not None else model_class(**config)
 
-
-def _family_class(family: str) -> type:
-    if family not in _FUSION_FAMILIES:
-        raise KeyError(
-            f"no fusion student for teacher family {family!r}; known: {', '.join(sorted(_FUSION_FAMILIES))} "
-            "(add one with students.fusion.register_fusion_family)"
-        )
-    module_name, _, class_name = _FUSION_FAMILIES[family][0].partition(":")
-    obj = importlib.import_module(module_name)
-    for part in class_name.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def num_fusion_layers(model: nn.Module) -> int:
-    """How many layers ``model.shrink`` selects among (METER: co-attention layers per stream; ViLT: blocks)."""
-    value = getattr(model, "num_fusion_layers", None)
-    if callable(value):
-        value = value()
-    if value is not None:
-        return int(value)
-    if hasattr(model, "cross_modal_text_layers"):  # METER
-        return len(model.cross_modal_text_layers)
-    for path in ("vilt.encoder.layer", "encoder.layer"):  # ViLT (transformers layout)
-        obj = model
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-        if isinstance(obj, nn.ModuleList):
-            return len(obj)
-    raise ValueError(f"cannot tell how many fusion layers a {type(model).__name__} has (no num_fusion_layers)")
+        teachers.register_teacher(family)(factory)
+    _FROZEN[family] = tuple(frozen)
 
 
 def default_fusion_layers(num_layers: int) -> Tuple[int, ...]:
@@ -174,7 +154,7 @@ class FusionStudent(Scorer):
         depth = num_fusion_layers(model)
         layers = validate_layers(default_fusion_layers(depth) if layers is None else layers, depth)
         if frozen is None:
-            frozen = _FUSION_FAMILIES[family][1] if family in _FUSION_FAMILIES else ()
+            frozen = _FROZEN.get(family, getattr(model, "fusion_frozen", ()))
         inner = model.shrink(layers)
         if _storage_ptrs(inner) & _storage_ptrs(model):  # shrink must deep-copy; never train teacher storage
             raise RuntimeError(f"{type(model).__name__}.shrink returned a model sharing storage with the teacher")
@@ -270,7 +250,11 @@ class FusionStudent(Scorer):
         model_dir = directory / config.get("model_dir", MODEL_DIR)
         if not model_dir.is_dir():
             raise FileNotFoundError(f"{model_dir} is missing: the inner {config['teacher_family']} model of {directory}")
-        model = _family_class(config["teacher_family"]).from_pretrained(model_dir)
+        family = config["teacher_family"]
+        if family not in teachers.TEACHERS:
+            raise KeyError(f"no fusion student for teacher family {family!r} ({directory / hub.CONFIG_NAME}): "
+                           f"{teachers.TEACHERS.unknown(family)}")
+        model = teachers.create_model(family, checkpoint=model_dir)
         for p in model.parameters():
             p.requires_grad_(True)
         student = cls(

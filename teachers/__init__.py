@@ -1,85 +1,94 @@
 """Teacher registry: ``create_teacher(name, checkpoint=None, **config)``, plug-in registration, raw-model hooks.
 
-Built-ins are "meter" and "vilt". A third party adds a teacher without editing dcd, either with the
-decorator::
+Built-ins are "meter" and "vilt". A third party adds a teacher family without editing dcd, either with
+the decorator::
 
     @teachers.register_teacher("blip-itm")
     def build_blip(checkpoint=None, **config) -> teachers.Scorer: ...
 
 or by declaring an entry point in its own package (group ``dcd.teachers``, value ``module:factory``).
+A factory builds the family's architecture from ``config`` (its fields, or ``config=`` a whole saved
+config, or ``preset=``), and reads ``checkpoint`` -- at least the directory its model's
+``save_pretrained`` writes. Students and benchmarks reach a family only through this registry and the
+interface in :mod:`teachers.base` (``unimodal_towers``, ``shrink``, ...), never by importing its module,
+so a family registered here gets dual and fusion students with no edit elsewhere.
+
 ``as_teacher(obj)`` turns what a user hands to ``dcd.wrap`` into a frozen ``Teacher``: a ``Scorer``
 is wrapped directly; a raw model (say a transformers ``ViltForImageAndTextRetrieval``) goes through
 the hook registered for its class with ``register_hook``.
 """
 from __future__ import annotations
 
-from importlib import metadata
-from typing import Callable, Dict, List
+import json
+from pathlib import Path
+from typing import Callable, List, Optional
 
-from .base import Features, Inputs, Scorer, Teacher, concat, num_items, pad_images, select, to_device
+from .base import (
+    Features, Inputs, Scorer, Teacher, Towers, concat, num_items, pad_images, select, to_device,
+)
+from .registry import Registry, UnknownName
 
 ENTRY_POINT_GROUP = "dcd.teachers"
-
-_FACTORIES: Dict[str, Callable[..., Scorer]] = {}
-_HOOKS: Dict[type, Callable[[object], Scorer]] = {}
-_entry_points_loaded = False
-
-
-def register_teacher(name: str) -> Callable:
-    """Decorator: register ``factory(checkpoint=None, **config) -> Scorer`` under ``name``."""
-
-    def decorate(factory: Callable[..., Scorer]) -> Callable[..., Scorer]:
-        if name in _FACTORIES and _FACTORIES[name] is not factory:
-            raise ValueError(f"teacher {name!r} is already registered by {_FACTORIES[name]!r}")
-        _FACTORIES[name] = factory
-        return factory
-
-    return decorate
-
-
-def register_hook(model_class: type) -> Callable:
-    """Decorator: register ``hook(raw_model) -> Scorer`` for instances of ``model_class``."""
-
-    def decorate(hook: Callable[[object], Scorer]) -> Callable[[object], Scorer]:
-        _HOOKS[model_class] = hook
-        return hook
-
-    return decorate
 
 
 def _load_builtins() -> None:
     from . import meter, vilt  # noqa: F401  (their decorators register them)
 
 
-def _load_entry_points() -> None:
-    global _entry_points_loaded
-    if _entry_points_loaded:
-        return
-    _entry_points_loaded = True
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name not in _FACTORIES:
-            _FACTORIES[ep.name] = ep.load()
+#: teacher family -> ``factory(checkpoint=None, **config) -> Scorer`` (the trainable architecture)
+TEACHERS = Registry("teacher", entry_points=ENTRY_POINT_GROUP, builtins=_load_builtins,
+                    hint="(add one with teachers.register_teacher)")
+#: raw model class -> ``hook(raw_model) -> Scorer`` (``as_teacher`` walks the class's MRO)
+HOOKS = Registry("teacher hook", builtins=_load_builtins, hint="(add one with teachers.register_hook)")
+
+
+def register_teacher(name: str) -> Callable:
+    """Decorator: register ``factory(checkpoint=None, **config) -> Scorer`` under ``name``."""
+    return TEACHERS.register(name)
+
+
+def register_hook(model_class: type) -> Callable:
+    """Decorator: register ``hook(raw_model) -> Scorer`` for instances of ``model_class``."""
+    return HOOKS.register(model_class, replace=True)
 
 
 def list_teachers() -> List[str]:
-    _load_builtins()
-    _load_entry_points()
-    return sorted(_FACTORIES)
+    return TEACHERS.list()
 
 
-def create_model(name: str, checkpoint: str | None = None, **config) -> Scorer:
+def create_model(name: str, checkpoint: str | Path | None = None, **config) -> Scorer:
     """Build the (trainable) architecture of teacher ``name``; ``create_teacher`` freezes it."""
-    _load_builtins()
-    if name not in _FACTORIES:
-        _load_entry_points()
-    if name not in _FACTORIES:
-        raise KeyError(f"unknown teacher {name!r}; registered teachers: {', '.join(list_teachers())}")
-    return _FACTORIES[name](checkpoint=checkpoint, **config)
+    return TEACHERS.create(name, checkpoint=checkpoint, **config)
 
 
-def create_teacher(name: str, checkpoint: str | None = None, **config) -> Teacher:
+def create_teacher(name: str, checkpoint: str | Path | None = None, **config) -> Teacher:
     """A frozen teacher ``name``, loaded from ``checkpoint`` (hub id, directory or file) when given."""
     return Teacher(create_model(name, checkpoint=checkpoint, **config))
+
+
+def saved_family(checkpoint: str | Path) -> Optional[str]:
+    """The registered family a saved teacher says it is, from its directory's ``config.json``.
+
+    The config names it as ``"family"`` (what dcd's ``save_pretrained`` writes) or as transformers'
+    ``"model_type"``. None when there is no saved config to read (a checkpoint file, a hub id) or when
+    the name is no registered family: then only the family's own loader can tell.
+    """
+    config_file = Path(checkpoint) / "config.json"
+    if not config_file.is_file():
+        return None
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    tag = str(config.get("family") or config.get("model_type") or "")
+    return tag if tag and tag in TEACHERS else None
+
+
+def build_towers(family: str, config: dict) -> Towers:
+    """Rebuild (random weights) the towers that ``Towers.config`` of a ``family`` teacher describes."""
+    return create_model(family, config=config).unimodal_towers()
 
 
 def as_teacher(obj: object) -> Teacher:
@@ -90,10 +99,9 @@ def as_teacher(obj: object) -> Teacher:
         return Teacher(obj)
     if isinstance(obj, str):
         return create_teacher(obj)
-    _load_builtins()
     for cls in type(obj).__mro__:
-        if cls in _HOOKS:
-            return Teacher(_HOOKS[cls](obj))
+        if cls in HOOKS:
+            return Teacher(HOOKS.get(cls)(obj))
     raise TypeError(
         f"cannot use a {type(obj).__name__} as a teacher: pass a teachers.Scorer, a registered teacher "
         f"name ({', '.join(list_teachers())}), or register a hook with teachers.register_hook({type(obj).__name__})"
@@ -101,6 +109,7 @@ def as_teacher(obj: object) -> Teacher:
 
 
 __all__ = [
-    "Features", "Inputs", "Scorer", "Teacher", "as_teacher", "concat", "create_model", "create_teacher",
-    "list_teachers", "num_items", "pad_images", "register_hook", "register_teacher", "select", "to_device",
+    "Features", "HOOKS", "Inputs", "Scorer", "TEACHERS", "Teacher", "Towers", "UnknownName", "as_teacher",
+    "build_towers", "concat", "create_model", "create_teacher", "list_teachers", "num_items", "pad_images",
+    "register_hook", "register_teacher", "saved_family", "select", "to_device",
 ]

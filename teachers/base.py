@@ -16,17 +16,28 @@ Scoring splits into a per-modality part (``encode_images`` / ``encode_texts``: r
 once per caption) and a per-pair part (``score_features`` / ``score_feature_pairs``). A dual encoder's
 per-pair part is a dot product; a cross-encoder's is its fusion layers. ``score`` and ``score_pairs``
 compose the two and are what callers use.
+
+What a student takes from its teacher also goes through this interface, so that ``students/`` and
+``benchmarks/`` never import a teacher family's module (a family is reached by name through the
+registry in ``teachers/__init__.py``):
+
+* a dual student's initialisation: ``unimodal_towers()`` -> :class:`Towers` (the teacher's image and
+  text towers, the preprocessing they expect, and a config of the family that rebuilds them);
+* a fusion student: ``shrink(layers)`` (a deep-copied shallower model), ``num_fusion_layers``,
+  ``fusion_frozen`` (what the student keeps fixed) and ``save_pretrained(dir)``, read back by the
+  family's registered factory as ``create_model(family, checkpoint=dir)``;
+* the family name (``family``), the preprocessing (``image_transform``, ``tokenize``) and the size of a
+  typical input image (``input_image_hw``).
 """
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
-
-from typing import Callable, Dict, List, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
+
+from .files import atomic_write  # noqa: F401  (its old home: ``from teachers.base import atomic_write``)
 
 Features = Dict[str, Tensor]
 Inputs = Dict[str, Tensor]
@@ -75,24 +86,27 @@ def to_device(inputs: Dict[str, Tensor], device: torch.device | str) -> Dict[str
     return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
 
 
-def atomic_write(path: str | Path, write_fn: Callable[[str], None]) -> None:
-    """``write_fn(tmp)`` into a temporary file next to ``path``, fsync, then ``os.replace`` it over ``path``.
+@dataclass
+class Towers:
+    """A cross-encoder's unimodal towers, what a dual student starts from (:meth:`Scorer.unimodal_towers`).
 
-    A crash at any moment leaves either the old file or the new one, never a torn one.
+    Attributes:
+        family: the teacher family (its registry name).
+        image: module, image inputs -> one vector per image [N, image.width].
+        text: module, text inputs -> one vector per caption [N, text.width].
+        config: a JSON-able config of the family that builds a model with these towers:
+            ``teachers.build_towers(family, config)`` rebuilds them (random weights).
+        preprocessing: what the towers expect: ``tokenizer``, ``max_text_len``, ``image_size``,
+            ``image_mean``, ``image_std``, ``train_augment``.
+
+    ``image`` and ``text`` are the teacher's own modules; a student deep-copies them.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    family: str
+    image: nn.Module
+    text: nn.Module
+    config: Dict[str, Any]
+    preprocessing: Dict[str, Any]
 
 
 class Scorer(nn.Module):
@@ -107,6 +121,8 @@ class Scorer(nn.Module):
     family: str = "scorer"
     #: how many (image, text) pairs the per-pair part scores at once in ``score_features``
     pair_chunk: int = 256
+    #: submodules a fusion student copied from this cross-encoder keeps frozen (its unimodal towers)
+    fusion_frozen: Tuple[str, ...] = ()
 
     # ----------------------------------------------------------------- preprocessing (model's own)
     def image_transform(self, train: bool = False) -> Callable:
@@ -160,6 +176,23 @@ class Scorer(nn.Module):
             rows.append(logits.view(len(img_idx), n_txt))
         return torch.cat(rows)
 
+    # ----------------------------------------------------------------- what students take from a teacher
+    def unimodal_towers(self) -> Towers:
+        """The image and text towers a dual student copies; a single-stream model has none."""
+        raise NotImplementedError(
+            f"a {getattr(self, 'family', type(self).__name__)!r} model has no unimodal image or text tower to copy into a dual encoder (a "
+            "single-stream cross-encoder such as ViLT has none): build the dual student from timm / transformers "
+            "towers instead, e.g. create_student('dual') or DualEncoder(DualEncoderConfig(timm_model=..., text_model=...))"
+        )
+
+    def input_image_hw(self) -> Tuple[int, int]:
+        """(height, width) of a typical preprocessed image: the configured square ``image_size``."""
+        for owner in (getattr(self, "config", None), self):
+            size = owner.get("image_size") if isinstance(owner, dict) else getattr(owner, "image_size", None)
+            if size:
+                return (int(size), int(size)) if isinstance(size, int) else tuple(int(x) for x in size)
+        raise NotImplementedError(f"cannot tell the input size of a {type(self).__name__} (no image_size)")
+
     # ----------------------------------------------------------------- what callers use
     def score(self, images: Inputs, texts: Inputs) -> Tensor:
         """Full pairwise matrix [n_images, n_texts] for a block of images x a block of texts."""
@@ -192,6 +225,7 @@ class Teacher(Scorer):
             model = model.model
         self.model = model
         self.family = model.family
+        self.fusion_frozen = getattr(model, "fusion_frozen", ())
         for p in self.model.parameters():
             p.requires_grad_(False)
         super().train(False)
@@ -213,6 +247,12 @@ class Teacher(Scorer):
     def tokenizer(self):
         return self.model.tokenizer
 
+    def unimodal_towers(self) -> Towers:
+        return unimodal_towers(self.model)
+
+    def input_image_hw(self) -> Tuple[int, int]:
+        return self.model.input_image_hw()
+
     @torch.no_grad()
     def encode_images(self, images: Inputs) -> Features:
         return self.model.encode_images(images)
@@ -228,3 +268,27 @@ class Teacher(Scorer):
     @torch.no_grad()
     def score_features(self, image_features: Features, text_features: Features) -> Tensor:
         return self.model.score_features(image_features, text_features)
+
+
+def unimodal_towers(model: nn.Module) -> Towers:
+    """``model.unimodal_towers()`` of a teacher (or of a ``Teacher``'s model); ``NotImplementedError`` when it has none."""
+    model = model.model if isinstance(model, Teacher) else model
+    if isinstance(model, Scorer):
+        return model.unimodal_towers()
+    return Scorer.unimodal_towers(model)  # not a Scorer: the same message, naming its family
+
+
+def num_fusion_layers(model: nn.Module) -> int:
+    """How many layers ``model.shrink`` selects among (``model.num_fusion_layers``).
+
+    A model without that attribute but with the two-stream layout (``cross_modal_text_layers``, one
+    co-attention layer per entry) is counted from it.
+    """
+    value = getattr(model, "num_fusion_layers", None)
+    if callable(value):
+        value = value()
+    if value is not None:
+        return int(value)
+    if isinstance(getattr(model, "cross_modal_text_layers", None), nn.ModuleList):
+        return len(model.cross_modal_text_layers)
+    raise ValueError(f"cannot tell how many fusion layers a {type(model).__name__} has (no num_fusion_layers)")

@@ -30,18 +30,19 @@ import torch
 from torch import Tensor, nn
 
 from . import register_teacher
-from .base import Features, Inputs, Scorer
+from .base import Features, Inputs, Scorer, Towers
 from .clip_vit import CLIPVisionModel, load_openai_clip_visual
+from .files import load_weights, save_weights
 from .meter_checkpoint import (
     KNOWN_LEFTOVERS, CheckpointError, config_from_checkpoint, load_state_into, read_checkpoint,
 )
-from .meter_config import CLIP_MEAN, CLIP_STD, CONFIG_NAME, METERConfig, atomic_write
+from .meter_config import CLIP_MEAN, CLIP_STD, CONFIG_NAME, METERConfig
 from .meter_layers import BertCrossLayer, Pooler
 from .tokenizers import minilm_path
 
 __all__ = [
-    "CLIP_MEAN", "CLIP_STD", "CheckpointError", "KNOWN_LEFTOVERS", "METER", "METERConfig", "create_meter",
-    "load_official_checkpoint", "meter_base", "meter_test", "meter_tiny",
+    "CLIP_MEAN", "CLIP_STD", "CheckpointError", "KNOWN_LEFTOVERS", "METER", "METERConfig", "MeterImageTower",
+    "MeterTextTower", "create_meter", "load_official_checkpoint", "meter_base", "meter_test", "meter_tiny",
 ]
 
 WEIGHTS_NAME = "model.safetensors"
@@ -87,10 +88,43 @@ def _layer_indices(indices: Sequence[int], depth: int) -> Tuple[int, ...]:
     return out
 
 
+class MeterImageTower(nn.Module):
+    """A METER's CLIP ViT + ``cross_modal_image_transform``; the class token (a dual student's image tower)."""
+
+    def __init__(self, vit_model: nn.Module, transform: nn.Linear):
+        super().__init__()
+        self.vit_model = vit_model
+        self.cross_modal_image_transform = transform
+        self.width = int(transform.out_features)
+
+    def forward(self, images: Inputs) -> Tensor:
+        tokens = self.vit_model(images["pixel_values"])
+        return self.cross_modal_image_transform(tokens[:, 0])
+
+
+class MeterTextTower(nn.Module):
+    """A METER's text encoder + ``cross_modal_text_transform``; the ``<s>`` / [CLS] token (a dual student's text tower)."""
+
+    def __init__(self, text_transformer: nn.Module, transform: nn.Linear):
+        super().__init__()
+        self.text_transformer = text_transformer
+        self.cross_modal_text_transform = transform
+        self.width = int(transform.out_features)
+
+    def forward(self, texts: Inputs) -> Tensor:
+        out = self.text_transformer(input_ids=texts["input_ids"], attention_mask=texts["attention_mask"])
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return self.cross_modal_text_transform(hidden[:, 0])
+
+
 class METER(Scorer):
     """METER cross-encoder (trainable; ``teachers.Teacher`` freezes it)."""
 
     family = "meter"
+    #: a fusion student keeps the unimodal towers, the cross-modal transforms and the type embeddings fixed (as
+    #: DCD's released METER student does) and the unused ``itm_score`` head; its fusion layers, poolers and head train
+    fusion_frozen = ("vit_model", "text_transformer", "cross_modal_image_transform", "cross_modal_text_transform",
+                     "token_type_embeddings", "itm_score")
 
     def __init__(self, config: Optional[METERConfig | Dict] = None, **overrides):
         super().__init__()
@@ -324,6 +358,22 @@ class METER(Scorer):
         return torch.stack(rows)
 
     # ----------------------------------------------------------------- students
+    def unimodal_towers(self) -> Towers:
+        """The CLIP ViT and the text encoder, each with its cross-modal transform, pooled on the first token.
+
+        ``config`` is this METER's with a single co-attention layer: the towers alone rebuild from it.
+        """
+        c = self.config
+        return Towers(
+            family=self.family,
+            image=MeterImageTower(self.vit_model, self.cross_modal_image_transform),
+            text=MeterTextTower(self.text_transformer, self.cross_modal_text_transform),
+            config=c.replace(num_fusion_layers=1).to_dict(),
+            preprocessing={"tokenizer": c.tokenizer, "max_text_len": c.max_text_len, "image_size": c.image_size,
+                           "image_mean": tuple(c.image_mean), "image_std": tuple(c.image_std),
+                           "train_augment": c.train_augment},
+        )
+
     def shrink(self, layer_indices: Sequence[int] = (0, 3, 5)) -> "METER":
         """A new METER with the co-attention layers ``layer_indices`` (per stream) of this one.
 
@@ -351,20 +401,15 @@ class METER(Scorer):
     # ----------------------------------------------------------------- serialisation
     def save_pretrained(self, directory: str | Path) -> Path:
         """``directory/model.safetensors`` + ``directory/config.json`` (``family: "meter"``), each written atomically."""
-        from safetensors.torch import save_file
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt", "family": "meter"}))
+        save_weights(directory / WEIGHTS_NAME, self.state_dict(), metadata={"family": self.family})
         self.config.save(directory)
         return directory
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu", **overrides) -> "METER":
         """Rebuild a METER written by ``save_pretrained`` (``overrides`` may change non-shape fields)."""
-        from safetensors.torch import load_file
-
         directory = Path(directory)
         if not directory.is_dir():
             raise FileNotFoundError(f"METER directory {directory} does not exist")
@@ -376,7 +421,7 @@ class METER(Scorer):
             raise FileNotFoundError(f"{weights} is missing (save_pretrained writes it next to {CONFIG_NAME})")
         with torch.device("meta"):
             model = cls(config)
-        state = load_file(str(weights))
+        state = load_weights(weights)
         load_state_into(model, state, source=str(weights), assign=True)
         return model.to(map_location)
 

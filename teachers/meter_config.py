@@ -19,15 +19,14 @@ Presets (``METERConfig.preset(name, **overrides)``):
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
-from .base import atomic_write
+from .files import read_json, write_json
 from .position_tables import POSITION_INITS
 
-__all__ = ["CLIP_MEAN", "CLIP_STD", "CONFIG_NAME", "METERConfig", "ROBERTA_BASE", "PRESETS", "atomic_write"]
+__all__ = ["CLIP_MEAN", "CLIP_STD", "CONFIG_NAME", "METERConfig", "ROBERTA_BASE", "PRESETS"]
 
 CONFIG_NAME = "config.json"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -155,8 +154,7 @@ class METERConfig:
     def save(self, directory: str | Path, family: str = "meter") -> Path:
         """Write ``directory/config.json`` (``{"family": "meter", ...fields}``), atomically."""
         path = Path(directory) / CONFIG_NAME
-        text = json.dumps({"family": family, **self.to_dict()}, indent=2, sort_keys=True) + "\n"
-        atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        write_json(path, {"family": family, **self.to_dict()})
         return path
 
     @classmethod
@@ -164,7 +162,7 @@ class METERConfig:
         path = Path(directory) / CONFIG_NAME
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: {directory} was not written by METER.save_pretrained")
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = read_json(path)
         if not isinstance(data, dict):
             raise ValueError(f"{path} must hold a JSON object")
         if data.get("family", "meter") != "meter":

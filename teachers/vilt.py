@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from transformers import ViltConfig, ViltForImageAndTextRetrieval
 
 from . import register_hook, register_teacher
-from .base import Features, Inputs, Scorer
+from .base import Features, Inputs, Scorer, Towers
 from .meter_checkpoint import CheckpointError, read_checkpoint
 from .position_tables import POSITION_INITS, sincos_2d
 from .tokenizers import load_tokenizer
@@ -147,6 +147,19 @@ class ViLT(Scorer):
     @property
     def image_size(self) -> int:
         return self.config.image_size
+
+    def input_image_hw(self) -> Tuple[int, int]:
+        """A 2:3 image after :meth:`image_transform`: shorter side ``image_size``, the longer 1.5 times it
+        (floored to the patch size): 384 x 576 = 12 x 18 patches at base size. ViLT takes any aspect ratio."""
+        size, patch = self.config.image_size, self.config.patch_size
+        return size, max(patch, size * 3 // 2 // patch * patch)
+
+    def unimodal_towers(self) -> Towers:
+        raise NotImplementedError(
+            "ViLT is single-stream: it has no unimodal image or text tower to copy into a dual encoder. "
+            "Build the dual student from timm / transformers towers instead, e.g. create_student('dual') "
+            "or DualEncoder(DualEncoderConfig(timm_model=..., text_model=...))."
+        )
 
     # ----------------------------------------------------------------- preprocessing
     @property

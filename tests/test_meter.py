@@ -89,7 +89,7 @@ def test_gradients_flow_and_teacher_wrapper_freezes():
                  "cross_modal_image_layers.0.crossattention.self.key.weight", "rank_output.weight"):
         assert model.get_parameter(name).grad is not None, name
     assert not model.itm_score.fc.weight.requires_grad  # frozen, unused (kept for loading), as in METER
-    assert teachers._FACTORIES["meter"] is create_meter  # registered on import of teachers.meter
+    assert teachers.TEACHERS.get("meter") is create_meter  # registered on import of teachers.meter
     teacher = Teacher(create_meter(preset="test"))
     assert isinstance(teacher, Teacher) and teacher.family == "meter"
     assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training

@@ -181,10 +181,11 @@ def test_small_dual_is_smaller_than_the_embedded_teacher_in_every_tower():
 
 
 def test_registry_create_list_and_unknown():
-    assert {"dual", "dual_tiny", "dual_test", "fusion", students.SMALL_DUAL} <= set(students.list_students())
+    assert {"dual", "dual-minilm6-vit192x4", "dual-bert32x1-vit32x1", "fusion", students.SMALL_DUAL} <= set(
+        students.list_students())
     model = create_student("dual", **dual_test().config.to_dict())
     assert isinstance(model, DualEncoder) and model.config.embed_dim == 16
-    with pytest.raises(KeyError, match="dual, dual-minilm1-vit128x2, dual_test"):
+    with pytest.raises(KeyError, match="dual, dual-bert32x1-vit32x1, dual-minilm1-vit128x2, dual-minilm2"):
         create_student("no-such-student")
     with pytest.raises(ValueError, match="teacher"):
         create_student("fusion")

@@ -6,12 +6,15 @@ loading, datasets and collation.
     split = load_split("annotations/captions_val2017.json", image_root="~/data/coco/val2017")
 
 Every loader returns a :class:`CaptionSplit`; bad input raises :class:`DataError` naming the file,
-field or image at fault.
+field or image at fault. Named data sets are entries of :data:`DATA_SETS` (a :class:`teachers.registry.Registry`):
+``@DATA_SETS.register("name")`` on ``loader(root, split, image_root, check_files) -> CaptionSplit`` adds one.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Optional, Sequence, Union
+
+from teachers.registry import Registry
 
 from .coco import is_coco_annotation, load_coco_captions
 from .collate import TrainCollator, collate_train
@@ -21,18 +24,49 @@ from .karpathy import KARPATHY_SPLITS, CaptionSplit, load_karpathy, read_json
 from .synthetic import build_synthetic, dcd_home, default_data_root
 
 __all__ = [
-    "CaptionSplit", "DataError", "EvalImages", "KARPATHY_SPLITS", "TrainCollator", "TrainPairs", "build_synthetic",
-    "collate_train", "dcd_home", "default_data_root", "load_coco_captions", "load_image", "load_karpathy",
-    "load_split", "DATASETS",
+    "CaptionSplit", "DATA_SETS", "DATASETS", "DataError", "EvalImages", "KARPATHY_SPLITS", "TrainCollator",
+    "TrainPairs", "build_synthetic", "collate_train", "dcd_home", "default_data_root", "load_coco_captions",
+    "load_image", "load_karpathy", "load_split",
 ]
 
-#: named data sets: name -> (Karpathy JSON inside root, image folder inside root)
+PathLike = Union[str, Path]
+
+#: data set name -> ``loader(root, split, image_root, check_files) -> CaptionSplit``
+DATA_SETS = Registry("data set", hint="(or pass the path of a .json annotation file)")
+
+#: Karpathy data sets: name -> (Karpathy JSON inside root, image folder inside root)
 DATASETS = {
     "coco": ("dataset_coco.json", "."),
     "flickr30k": ("dataset_flickr30k.json", "flickr30k-images"),
 }
 
-PathLike = Union[str, Path]
+
+@DATA_SETS.register("synthetic")
+def _synthetic(root, split, image_root, check_files) -> CaptionSplit:
+    """The embedded compositional set, generated on first use (root default: $DCD_HOME/data/synthetic-v2)."""
+    return load_karpathy(build_synthetic(root), image_root, split, check_files, name=f"synthetic-{_label(split)}")
+
+
+def _karpathy_set(key: str) -> None:
+    json_name, image_dir = DATASETS[key]
+
+    def load(root, split, image_root, check_files) -> CaptionSplit:
+        base = Path(root).expanduser() if root is not None else dcd_home() / "data" / key
+        json_path = base / json_name
+        if not json_path.exists():
+            raise DataError(f"{key}: Karpathy split file not found: {json_path} (download Karpathy's "
+                            f"caption_datasets.zip and put {json_name} there, or pass root=)")
+        if image_root is None:
+            image_root = base / image_dir if (base / image_dir).is_dir() else base
+        return load_karpathy(json_path, image_root, split, check_files, name=f"{key}-{_label(split)}")
+
+    images = "root" if image_dir == "." else f"root/{image_dir}"
+    load.__doc__ = f"Karpathy's {json_name} in root (default $DCD_HOME/data/{key}), images under {images}."
+    DATA_SETS.register(key, load)
+
+
+for _name in DATASETS:
+    _karpathy_set(_name)
 
 
 def load_split(
@@ -62,23 +96,11 @@ def load_split(
         check_files: verify now that every image file exists.
     """
     key = str(name_or_path)
-    if key == "synthetic":
-        json_path = build_synthetic(root)
-        return load_karpathy(json_path, image_root, split, check_files, name=f"synthetic-{_label(split)}")
-    if key in DATASETS:
-        base = Path(root).expanduser() if root is not None else dcd_home() / "data" / key
-        json_name, image_dir = DATASETS[key]
-        json_path = base / json_name
-        if not json_path.exists():
-            raise DataError(f"{key}: Karpathy split file not found: {json_path} (download Karpathy's "
-                            f"caption_datasets.zip and put {json_name} there, or pass root=)")
-        if image_root is None:
-            image_root = base / image_dir if (base / image_dir).is_dir() else base
-        return load_karpathy(json_path, image_root, split, check_files, name=f"{key}-{_label(split)}")
+    if key in DATA_SETS:
+        return DATA_SETS.create(key, root, split, image_root, check_files)
     path = Path(key).expanduser()
     if path.suffix.lower() != ".json" and not path.is_file():
-        raise DataError(f"unknown data set {key!r}: use 'synthetic', {', '.join(map(repr, DATASETS))} "
-                        "or the path of a .json annotation file")
+        raise DataError(DATA_SETS.unknown(key))
     data = read_json(path)
     if is_coco_annotation(data):
         from .coco import coco_from_data
