@@ -32,9 +32,9 @@ tighter clusters make every index look better (spread 1: 0.848 / 0.978 / 1.000).
 End to end (``--no-e2e`` skips it): a dual student indexes the embedded test split (100 images), and
 its captions are searched as ``dcd search`` does (encode the caption, search, look up the items),
 with and without re-ranking the top 50 by the teacher; p50 / p99 per query and recall@10 of the
-caption's image. Without ``--student`` / ``--teacher-checkpoint`` the models are ``dual_tiny`` (2 MiniLM
-layers) and the embedded METER teacher's architecture, with untrained weights (latency does not depend on weight values; recall then means
-nothing, and the JSON says so).
+caption's image. Without ``--student`` / ``--teacher-checkpoint`` the models are ``dual-minilm2-vit192x4``
+(4-block ViT-Tiny, 2 MiniLM layers) and the embedded METER teacher's architecture, with untrained weights
+(latency does not depend on weight values; recall then means nothing, and the JSON says so).
 """
 from __future__ import annotations
 
@@ -52,17 +52,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-_HERE = Path(__file__).resolve().parent
-if str(_HERE) not in sys.path:  # benchmarks/ is not a package; its helper module sits next to this file
-    sys.path.insert(0, str(_HERE))
-try:  # the installed package (pip install -e .); fall back to the source tree when run from a checkout
-    import dcd  # noqa: F401
-except ImportError:  # pragma: no cover
-    sys.path.insert(0, str(_HERE.parent))
-
-from _timing import PeakMemory, time_call  # noqa: E402
-
-from dcd.index import ann  # noqa: E402
+from dcd.bench.timing import PeakMemory, time_call
+from dcd.index import ann
 
 K = 10
 TARGET = {"index": "hnsw", "items": 1_000_000, "p50_ms": 5.0, "recall_at_10": 0.95}
@@ -208,7 +199,7 @@ def end_to_end(args, log) -> Dict:
         student = students.load_student(args.student)
     else:
         torch.manual_seed(0)
-        student = students.create_student("dual_tiny", text_layers=2)  # 4-block ViT-Tiny at 64 px, 2 MiniLM layers
+        student = students.create_student("dual-minilm2-vit192x4")  # 4-block ViT-Tiny at 64 px, 2 MiniLM layers
     if args.teacher_checkpoint:
         teacher = teachers.create_teacher("meter", checkpoint=args.teacher_checkpoint)
     else:

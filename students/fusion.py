@@ -197,6 +197,9 @@ class FusionStudent(Scorer):
     def image_transform(self, train: bool = False) -> Callable:
         return self.model.image_transform(train)
 
+    def input_image_hw(self) -> Tuple[int, int]:
+        return self.model.input_image_hw()
+
     def collate_images(self, images: List[Tensor]) -> Inputs:
         return self.model.collate_images(images)
 

@@ -22,7 +22,9 @@ def _load(name: str, filename: str):
 
 @pytest.fixture(scope="module")
 def timing():
-    return _load("_timing", "_timing.py")
+    from dcd.bench import timing
+
+    return timing
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Timing, extrapolation and peak-memory helpers for ``benchmarks/latency.py``.
+"""Timing, extrapolation and peak-memory helpers of the benchmarks (``benchmarks/latency.py``, ``benchmarks/index.py``).
 
 Method (as timm's ``benchmark.py``): ``warmup`` untimed calls, then ``repeats`` timed calls, each
 bracketed by a device synchronisation so that queued CUDA kernels are charged to the call that
