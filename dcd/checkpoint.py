@@ -17,7 +17,7 @@ from typing import Any, Dict
 import numpy as np
 import torch
 
-from teachers.base import atomic_write
+from teachers.files import atomic_write, write_json
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -83,6 +83,5 @@ def claim_run_dir(directory: Path, recipe: Dict[str, Any], main_process: bool = 
         if not kept and directory.is_dir():
             shutil.rmtree(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(recipe, indent=1)
-        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+        write_json(path, recipe, indent=1, sort_keys=False, newline=False)
     return kept

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from teachers.base import Scorer, atomic_write
+from teachers.base import Scorer
+from teachers.files import save_array, write_json
 
 from . import retrieval
 from .binding import binding_accumulator
@@ -75,14 +76,9 @@ def cached_score_matrix(model: Scorer, split, directory: str | Path, device: str
         model.train(was_training)
     elapsed = time.perf_counter() - started
     info = {"header": header, "metrics": metrics_from_matrix(scores, split), "elapsed_s": round(elapsed, 2)}
-    atomic_write(matrix_path, lambda tmp: _save_npy(tmp, scores.float().numpy()))
-    atomic_write(info_path, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=1)))
+    save_array(matrix_path, scores.float().numpy())
+    write_json(info_path, info, indent=1, sort_keys=False, newline=False)
     return scores, info
-
-
-def _save_npy(path: str, array: np.ndarray) -> None:
-    with open(path, "wb") as handle:  # a handle: np.save would append ".npy" to a temporary name
-        np.save(handle, array)
 
 
 def rerank_with_matrix(first_stage: Tensor, second_stage: Tensor, split, k: int) -> Dict[str, float]:

@@ -68,7 +68,7 @@ def read_json(path: str | Path, what: str = "JSON file") -> Any:
 def save_array(path: str | Path, array) -> None:
     """A numpy array (``np.save``), or a dict of named arrays (``np.savez``), atomically.
 
-    Written through a handle: ``np.save`` would append ``.npy`` to a bare temporary name.
+    Written through a handle: ``np.save`` / ``np.savez`` would append ``.npy`` / ``.npz`` to a bare temporary name.
     """
     import numpy as np
 

@@ -24,7 +24,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from teachers.base import Features, Scorer, atomic_write
+from teachers.base import Features, Scorer
+from teachers.files import save_array
 
 from .. import retrieval
 from ..data import DataError, load_image
@@ -107,14 +108,6 @@ def _encode_chunk(student: Scorer, corpus: Corpus, start: int, stop: int, batch_
             "skipped": np.asarray(skipped, dtype=np.int64), "reasons": np.asarray(reasons, dtype=str)}
 
 
-def _save_npz(path: Path, arrays: dict) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as handle:  # a handle: np.savez would append ".npz" to a bare name
-            np.savez(handle, **arrays)
-
-    atomic_write(path, write)
-
-
 def encode_chunks(student: Scorer, corpus: Corpus, chunk_dir: Path, chunk_size: int = 1024, batch_size: int = 64,
                   device: Optional[torch.device | str] = None, rank: int = 0, world_size: int = 1,
                   num_workers: int = 0, progress: bool = True) -> int:
@@ -134,7 +127,7 @@ def encode_chunks(student: Scorer, corpus: Corpus, chunk_dir: Path, chunk_size: 
         for c in todo:
             start = c * chunk_size
             arrays = _encode_chunk(student, corpus, start, start + sizes[c], batch_size, device, num_workers)
-            _save_npz(chunk_path(chunk_dir, c), arrays)
+            save_array(chunk_path(chunk_dir, c), arrays)
             bar.update(sizes[c])
     finally:
         student.train(was_training)

@@ -12,7 +12,7 @@
         skipped.txt       items that could not be read: "<path>\\t<reason>" per line
         faiss.index       the FAISS index over vectors.npy
 
-Every file is written atomically (``teachers.base.atomic_write``).
+Every file is written atomically (:mod:`teachers.files`).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
-from teachers.base import atomic_write
+from teachers.files import atomic_write, save_array, write_json, write_text
 
 from ..data import DataError
 from .corpus import MODALITIES, Corpus
@@ -60,16 +60,8 @@ def clear_other_modalities(path: Path, keep: List[str]) -> None:
             shutil.rmtree(path / modality)
 
 
-def _write_text(path: Path, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-
-    atomic_write(path, write)
-
-
 def write_meta(path: Path, meta: Dict[str, Any]) -> None:
-    _write_text(Path(path) / META_NAME, json.dumps(meta, indent=1) + "\n")
+    write_json(Path(path) / META_NAME, meta, indent=1, sort_keys=False)
 
 
 def read_meta(path: Path) -> Dict[str, Any]:
@@ -96,16 +88,11 @@ def write_encoded(directory: Path, corpus: Corpus, vectors: np.ndarray, rows: np
                   skipped: List[Tuple[int, str]]) -> None:
     """vectors.npy, items.jsonl (the kept items, in vector order) and skipped.txt of one modality."""
     directory = Path(directory)
-
-    def save_vectors(tmp: str) -> None:
-        with open(tmp, "wb") as handle:
-            np.save(handle, vectors)
-
     items = "".join(json.dumps(corpus.items[int(r)], default=str) + "\n" for r in rows)
     lines = "".join(f"{corpus.values[i]}\t{' '.join(reason.split())}\n" for i, reason in skipped)
-    _write_text(directory / ITEMS, items)
-    _write_text(directory / SKIPPED, lines)
-    atomic_write(directory / VECTORS, save_vectors)
+    write_text(directory / ITEMS, items)
+    write_text(directory / SKIPPED, lines)
+    save_array(directory / VECTORS, vectors)
 
 
 def read_items(directory: Path) -> List[Dict[str, Any]]:
