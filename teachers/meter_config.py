@@ -25,6 +25,7 @@ from typing import Any, Dict, Tuple
 
 from .files import read_json, write_json
 from .position_tables import POSITION_INITS
+from .registry import Registry
 
 __all__ = ["CLIP_MEAN", "CLIP_STD", "CONFIG_NAME", "METERConfig", "ROBERTA_BASE", "PRESETS"]
 
@@ -172,9 +173,7 @@ class METERConfig:
     # ------------------------------------------------------------------ presets
     @classmethod
     def preset(cls, name: str = "base", **overrides) -> "METERConfig":
-        if name not in PRESETS:
-            raise KeyError(f"unknown METER preset {name!r}; presets: {', '.join(PRESETS)}")
-        config = PRESETS[name]()
+        config = PRESETS.get(name)()
         return config.replace(**overrides) if overrides else config
 
     @classmethod
@@ -190,18 +189,18 @@ class METERConfig:
         return cls.preset("test", **overrides)
 
 
-PRESETS = {
-    "base": lambda: METERConfig(),
-    "tiny": lambda: METERConfig(
-        image_size=64, patch_size=16, vision_width=128, vision_layers=4, vision_heads=2, vision_position_init="sincos",
-        text_config={**MINILM_L6, "num_hidden_layers": 2}, tokenizer="minilm", max_text_len=40,
-        hidden_size=128, num_heads=2, intermediate_size=512, num_fusion_layers=2,
-    ),
-    "test": lambda: METERConfig(
-        image_size=32, patch_size=8, vision_width=32, vision_layers=2, vision_heads=2,
-        text_config=dict(_TEST_TEXT), tokenizer="minilm", max_text_len=40,
-        hidden_size=32, num_heads=2, intermediate_size=64, num_fusion_layers=3,
-    ),
-}
+#: preset name -> a function returning its config (the module docstring describes each)
+PRESETS = Registry("METER preset")
+PRESETS.register("base", lambda: METERConfig())
+PRESETS.register("tiny", lambda: METERConfig(
+    image_size=64, patch_size=16, vision_width=128, vision_layers=4, vision_heads=2, vision_position_init="sincos",
+    text_config={**MINILM_L6, "num_hidden_layers": 2}, tokenizer="minilm", max_text_len=40,
+    hidden_size=128, num_heads=2, intermediate_size=512, num_fusion_layers=2,
+))
+PRESETS.register("test", lambda: METERConfig(
+    image_size=32, patch_size=8, vision_width=32, vision_layers=2, vision_heads=2,
+    text_config=dict(_TEST_TEXT), tokenizer="minilm", max_text_len=40,
+    hidden_size=32, num_heads=2, intermediate_size=64, num_fusion_layers=3,
+))
 
 

@@ -25,8 +25,12 @@ from typing import Any, Callable, Dict, Hashable, Iterable, List, Optional
 __all__ = ["Registry", "UnknownName"]
 
 
-class UnknownName(KeyError):
-    """A name no registry entry has; ``str(err)`` is the message itself (not its repr, as KeyError's is)."""
+class UnknownName(KeyError, ValueError):
+    """A name no registry entry has; ``str(err)`` is the message itself (not its repr, as KeyError's is).
+
+    A ``KeyError`` and a ``ValueError`` both, so that callers of the lookups it replaced (some raised one,
+    some the other) keep catching it.
+    """
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
@@ -89,6 +93,8 @@ class Registry:
         if name not in self._entries:
             raise UnknownName(self.unknown(name))
         return self._entries[name]
+
+    __getitem__ = get
 
     def create(self, name: Hashable, *args, **kwargs) -> Any:
         """``get(name)(*args, **kwargs)``: build what a factory entry makes."""

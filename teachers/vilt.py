@@ -46,6 +46,7 @@ from . import register_hook, register_teacher
 from .base import Features, Inputs, Scorer, Towers
 from .meter_checkpoint import CheckpointError, read_checkpoint
 from .position_tables import POSITION_INITS, sincos_2d
+from .registry import Registry
 from .tokenizers import load_tokenizer
 
 __all__ = [
@@ -388,7 +389,9 @@ def _config(**fields) -> ViltConfig:
     return ViltConfig(**fields)
 
 
-PRESETS: Dict[str, Dict[str, Any]] = {
+#: preset name -> ``ViltConfig`` fields
+PRESETS = Registry("ViLT preset")
+for _name, _fields in {
     # dandelin/vilt-b32-*: ViT-B/32 at 384, 12 layers x 768, 12 heads, BERT vocabulary, 40 text positions
     "base": dict(image_size=384, patch_size=32, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                  intermediate_size=3072),
@@ -399,7 +402,8 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                  intermediate_size=512, dcd_position_init="sincos"),
     "test": dict(image_size=32, patch_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                  intermediate_size=64),
-}
+}.items():
+    PRESETS.register(_name, _fields)
 
 
 def vilt_base(**overrides) -> ViLT:
@@ -619,9 +623,7 @@ def create_vilt(checkpoint: Optional[str | Path] = None, config: Optional[ViltCo
         for key, value in overrides.items():
             setattr(config, key, value)
         return ViLT(config, tokenizer=tokenizer)
-    if preset not in PRESETS:
-        raise ValueError(f"unknown ViLT preset {preset!r}; presets: {sorted(PRESETS)}")
-    return ViLT(_config(**{**PRESETS[preset], **overrides}), tokenizer=tokenizer)
+    return ViLT(_config(**{**PRESETS.get(preset), **overrides}), tokenizer=tokenizer)
 
 
 @register_hook(ViltForImageAndTextRetrieval)
