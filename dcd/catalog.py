@@ -37,6 +37,9 @@ def format_catalog() -> str:
         width = max((len(str(name)) for name in entries), default=0)
         for name in registry.list():
             summary = _summary(entries.get(name))
+            presets = getattr(entries.get(name), "presets", None)
+            if presets is not None:
+                summary = f"{summary} Presets: {', '.join(presets.list())}."
             lines.append(f"  {name:<{width}}  {summary}".rstrip())
         for old, new in registry.aliases().items():
             lines.append(f"  {old} -> {new} (deprecated)")

@@ -31,8 +31,8 @@ def _distill_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--recipe", help="JSON or YAML file of settings (the fields of --print-recipe's 'settings', "
                    "or of this --help with '_' for '-'); flags given on the command line win")
     g.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
-    g.add_argument("--student", help="dual student preset from the registry (students.list_students()); default "
-                   "dual_tiny on the embedded set, the teacher's own towers ('dual') for METER on real data")
+    g.add_argument("--student", help="dual student from the registry (dcd list); default dual-minilm1-vit128x2 "
+                   "on the embedded set, the teacher's own towers ('dual') for METER on real data")
     g.add_argument("--student-checkpoint", help="start the dual student from this save_pretrained directory")
     g.add_argument("--data", default=d.data, help="synthetic (embedded default) | coco | flickr30k | path to a "
                    "Karpathy split or COCO caption json")

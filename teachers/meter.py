@@ -36,7 +36,7 @@ from .files import load_weights, save_weights
 from .meter_checkpoint import (
     KNOWN_LEFTOVERS, CheckpointError, config_from_checkpoint, load_state_into, read_checkpoint,
 )
-from .meter_config import CLIP_MEAN, CLIP_STD, CONFIG_NAME, METERConfig
+from .meter_config import CLIP_MEAN, CLIP_STD, CONFIG_NAME, PRESETS, METERConfig
 from .meter_layers import BertCrossLayer, Pooler
 from .tokenizers import minilm_path
 
@@ -515,3 +515,6 @@ def create_meter(checkpoint: Optional[str | Path] = None, config: Optional[METER
         if missing:
             raise CheckpointError(f"{text_pretrained} does not fit the text tower: missing {', '.join(missing[:10])}")
     return model
+
+
+create_meter.presets = PRESETS  # what ``preset=`` takes (``dcd list`` shows them)

@@ -626,6 +626,9 @@ def create_vilt(checkpoint: Optional[str | Path] = None, config: Optional[ViltCo
     return ViLT(_config(**{**PRESETS.get(preset), **overrides}), tokenizer=tokenizer)
 
 
+create_vilt.presets = PRESETS  # what ``preset=`` takes (``dcd list`` shows them)
+
+
 @register_hook(ViltForImageAndTextRetrieval)
 def _wrap_hf_vilt(model: ViltForImageAndTextRetrieval) -> ViLT:
     """``teachers.as_teacher(ViltForImageAndTextRetrieval.from_pretrained(...))`` wraps the raw HF model."""
