@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 import teachers
-from teachers.base import Features, Inputs, Scorer, Teacher, num_fusion_layers
+from teachers.base import Features, Inputs, Scorer, Teacher, check_layer_indices, num_fusion_layers
 
 from . import hub
 
@@ -81,17 +81,8 @@ def default_fusion_layers(num_layers: int) -> Tuple[int, ...]:
 
 
 def validate_layers(layers: Sequence[int], num_layers: int) -> Tuple[int, ...]:
-    layers = tuple(int(i) for i in layers)
-    if not layers:
-        raise ValueError("layers is empty: a fusion student needs at least one teacher layer")
-    bad = [i for i in layers if not 0 <= i < num_layers]
-    if bad:
-        raise ValueError(f"layers {bad} out of range: the teacher has {num_layers} fusion layers (0..{num_layers - 1})")
-    if len(set(layers)) != len(layers):
-        raise ValueError(f"layers {layers} repeats a layer")
-    if list(layers) != sorted(layers):
-        raise ValueError(f"layers {layers} must be increasing (they keep the teacher's order)")
-    return layers
+    """The teacher layers a fusion student keeps, checked as every ``shrink`` checks them."""
+    return check_layer_indices(layers, num_layers, "layers")
 
 
 def _storage_ptrs(module: nn.Module) -> set:

@@ -278,6 +278,27 @@ def unimodal_towers(model: nn.Module) -> Towers:
     return Scorer.unimodal_towers(model)  # not a Scorer: the same message, naming its family
 
 
+def check_layer_indices(indices: Sequence[int], depth: int, name: str = "layers") -> Tuple[int, ...]:
+    """``indices`` of fusion layers to keep (``shrink``), checked: integers, at least one, in ``0..depth-1``,
+    no repeats, increasing (the copies keep the teacher's order). Errors are ``ValueError`` naming ``name``."""
+    try:
+        out = tuple(int(i) for i in indices)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a sequence of integers, got {indices!r}") from None
+    if any(isinstance(i, bool) or int(i) != i for i in indices):
+        raise ValueError(f"{name} must be integers, got {indices!r}")
+    if not out:
+        raise ValueError(f"{name} is empty: keep at least one fusion layer")
+    bad = [i for i in out if not 0 <= i < depth]
+    if bad:
+        raise ValueError(f"{name} {bad} out of range: the model has {depth} fusion layers (0..{depth - 1})")
+    if len(set(out)) != len(out):
+        raise ValueError(f"{name} {out} repeat a layer")
+    if list(out) != sorted(out):
+        raise ValueError(f"{name} {out} must be increasing (the copies keep the teacher's order)")
+    return out
+
+
 def num_fusion_layers(model: nn.Module) -> int:
     """How many layers ``model.shrink`` selects among (``model.num_fusion_layers``).
 

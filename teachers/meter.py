@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from . import register_teacher
-from .base import Features, Inputs, Scorer, Towers
+from .base import Features, Inputs, Scorer, Towers, check_layer_indices
 from .clip_vit import CLIPVisionModel, load_openai_clip_visual
 from .files import load_weights, save_weights
 from .meter_checkpoint import (
@@ -67,25 +67,6 @@ class _ToRGB:
 
     def __repr__(self) -> str:
         return "ToRGB()"
-
-
-def _layer_indices(indices: Sequence[int], depth: int) -> Tuple[int, ...]:
-    try:
-        out = tuple(int(i) for i in indices)
-    except (TypeError, ValueError):
-        raise ValueError(f"layer_indices must be a sequence of integers, got {indices!r}") from None
-    if any(isinstance(i, bool) or int(i) != i for i in indices):
-        raise ValueError(f"layer_indices must be integers, got {indices!r}")
-    if not out:
-        raise ValueError("layer_indices is empty: keep at least one co-attention layer")
-    bad = [i for i in out if not 0 <= i < depth]
-    if bad:
-        raise ValueError(f"layer_indices {bad} out of range: this METER has {depth} co-attention layers (0..{depth - 1})")
-    if len(set(out)) != len(out):
-        raise ValueError(f"layer_indices {out} repeat a layer")
-    if list(out) != sorted(out):
-        raise ValueError(f"layer_indices {out} must be increasing (the copies keep the teacher's order)")
-    return out
 
 
 class MeterImageTower(nn.Module):
@@ -381,7 +362,7 @@ class METER(Scorer):
         the result shares no storage with ``self``, so training it never touches this model. Requires-grad
         flags and train/eval modes are copied as they are.
         """
-        indices = _layer_indices(layer_indices, self.num_fusion_layers)
+        indices = check_layer_indices(layer_indices, self.num_fusion_layers, "layer_indices")
         config = self.config.replace(num_fusion_layers=len(indices))
         with torch.device("meta"):
             new = METER(config)

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from transformers import ViltConfig, ViltForImageAndTextRetrieval
 
 from . import register_hook, register_teacher
-from .base import Features, Inputs, Scorer, Towers
+from .base import Features, Inputs, Scorer, Towers, check_layer_indices
 from .meter_checkpoint import CheckpointError, read_checkpoint
 from .position_tables import POSITION_INITS, sincos_2d
 from .registry import Registry
@@ -343,10 +343,7 @@ class ViLT(Scorer):
         Embeddings, final LayerNorm, pooler and rank head are copied too; nothing shares storage with
         ``self``. Requires-grad flags and train / eval modes are copied as they are.
         """
-        layers = tuple(int(i) for i in layers)
-        depth = self.num_fusion_layers
-        if not layers or any(not 0 <= i < depth for i in layers) or list(layers) != sorted(set(layers)):
-            raise ValueError(f"layers {layers} must be increasing indices of the {depth} ViLT layers")
+        layers = check_layer_indices(layers, self.num_fusion_layers)
         encoder = self.hf.vilt.encoder
         full = encoder.layer
         encoder.layer = nn.ModuleList([full[i] for i in layers])  # copy only the kept blocks
