@@ -26,13 +26,13 @@ from __future__ import annotations
 import importlib
 import math
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 import teachers
-from teachers.base import Features, Inputs, Scorer, Teacher, check_layer_indices, num_fusion_layers
+from teachers.base import Inputs, Scorer, Teacher, Wrapper, check_layer_indices, num_fusion_layers
 
 from . import hub
 
@@ -90,7 +90,7 @@ def _storage_ptrs(module: nn.Module) -> set:
     return {t.untyped_storage().data_ptr() for t in tensors if t.numel() > 0}
 
 
-class FusionStudent(Scorer):
+class FusionStudent(Wrapper):
     """A trainable, shallower cross-encoder of the teacher's family (delegates scoring to ``self.model``)."""
 
     family = "fusion"
@@ -176,38 +176,10 @@ class FusionStudent(Scorer):
     def named_trainable_parameters(self) -> Iterator[Tuple[str, nn.Parameter]]:
         return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
 
-    # ----------------------------------------------------------------- Scorer, delegated
+    # ----------------------------------------------------------------- Scorer: the inner model's (Wrapper)
     @property
     def pair_chunk(self) -> int:  # type: ignore[override]
         return self.model.pair_chunk
-
-    @property
-    def tokenizer(self):
-        return self.model.tokenizer
-
-    def image_transform(self, train: bool = False) -> Callable:
-        return self.model.image_transform(train)
-
-    def input_image_hw(self) -> Tuple[int, int]:
-        return self.model.input_image_hw()
-
-    def collate_images(self, images: List[Tensor]) -> Inputs:
-        return self.model.collate_images(images)
-
-    def tokenize(self, texts: Sequence[str]) -> Inputs:
-        return self.model.tokenize(texts)
-
-    def encode_images(self, images: Inputs) -> Features:
-        return self.model.encode_images(images)
-
-    def encode_texts(self, texts: Inputs) -> Features:
-        return self.model.encode_texts(texts)
-
-    def score_feature_pairs(self, image_features: Features, text_features: Features) -> Tensor:
-        return self.model.score_feature_pairs(image_features, text_features)
-
-    def score_features(self, image_features: Features, text_features: Features) -> Tensor:
-        return self.model.score_features(image_features, text_features)
 
     def score(self, images: Inputs, texts: Inputs) -> Tensor:
         return self.model.score(images, texts)

@@ -211,7 +211,44 @@ class Scorer(nn.Module):
         return torch.device("cpu")
 
 
-class Teacher(Scorer):
+class Wrapper(Scorer):
+    """A scorer whose preprocessing and scoring are those of the model it wraps, ``self.model``.
+
+    The frozen :class:`Teacher` view and the fusion student (``students.FusionStudent``) are both one.
+    """
+
+    model: Scorer
+
+    def image_transform(self, train: bool = False) -> Callable:
+        return self.model.image_transform(train)
+
+    def collate_images(self, images: List[Tensor]) -> Inputs:
+        return self.model.collate_images(images)
+
+    def tokenize(self, texts: Sequence[str]) -> Inputs:
+        return self.model.tokenize(texts)
+
+    @property
+    def tokenizer(self):
+        return self.model.tokenizer
+
+    def input_image_hw(self) -> Tuple[int, int]:
+        return self.model.input_image_hw()
+
+    def encode_images(self, images: Inputs) -> Features:
+        return self.model.encode_images(images)
+
+    def encode_texts(self, texts: Inputs) -> Features:
+        return self.model.encode_texts(texts)
+
+    def score_feature_pairs(self, image_features: Features, text_features: Features) -> Tensor:
+        return self.model.score_feature_pairs(image_features, text_features)
+
+    def score_features(self, image_features: Features, text_features: Features) -> Tensor:
+        return self.model.score_features(image_features, text_features)
+
+
+class Teacher(Wrapper):
     """A frozen view of a scorer: eval mode always, no gradients, never trained by dcd.
 
     The architecture (``self.model``) stays an ordinary trainable ``Scorer`` so that the embedded
@@ -233,41 +270,14 @@ class Teacher(Scorer):
     def train(self, mode: bool = True) -> "Teacher":  # a teacher stays in eval mode
         return super().train(False)
 
-    # preprocessing is the wrapped model's own
-    def image_transform(self, train: bool = False) -> Callable:
-        return self.model.image_transform(train)
-
-    def collate_images(self, images: List[Tensor]) -> Inputs:
-        return self.model.collate_images(images)
-
-    def tokenize(self, texts: Sequence[str]) -> Inputs:
-        return self.model.tokenize(texts)
-
-    @property
-    def tokenizer(self):
-        return self.model.tokenizer
-
     def unimodal_towers(self) -> Towers:
         return unimodal_towers(self.model)
 
-    def input_image_hw(self) -> Tuple[int, int]:
-        return self.model.input_image_hw()
-
-    @torch.no_grad()
-    def encode_images(self, images: Inputs) -> Features:
-        return self.model.encode_images(images)
-
-    @torch.no_grad()
-    def encode_texts(self, texts: Inputs) -> Features:
-        return self.model.encode_texts(texts)
-
-    @torch.no_grad()
-    def score_feature_pairs(self, image_features: Features, text_features: Features) -> Tensor:
-        return self.model.score_feature_pairs(image_features, text_features)
-
-    @torch.no_grad()
-    def score_features(self, image_features: Features, text_features: Features) -> Tensor:
-        return self.model.score_features(image_features, text_features)
+    # the wrapped model's own preprocessing and scoring (Wrapper), without gradients
+    encode_images = torch.no_grad()(Wrapper.encode_images)
+    encode_texts = torch.no_grad()(Wrapper.encode_texts)
+    score_feature_pairs = torch.no_grad()(Wrapper.score_feature_pairs)
+    score_features = torch.no_grad()(Wrapper.score_features)
 
 
 def unimodal_towers(model: nn.Module) -> Towers:
