@@ -172,7 +172,7 @@ def load_teacher(settings: DistillSettings, splits: Dict[str, CaptionSplit]) -> 
 
 
 def build_dual(settings: DistillSettings, teacher: Scorer) -> Scorer:
-    """The dual student: from a checkpoint, the teacher's own towers (METER, real data) or the tiny preset."""
+    """The dual student: from a checkpoint, the teacher's own towers (METER, real data) or a size-named preset."""
     torch.manual_seed(settings.seed)
     if settings.student_checkpoint:
         return students.load_student(settings.student_checkpoint)
