@@ -29,7 +29,7 @@ def splits(data_json):
 
 
 def _settings(data_json, tmp_path, **overrides):
-    base = dict(data=str(data_json), student="dual_test", progress=False, max_steps=2, epochs=1, batch_size=4,
+    base = dict(data=str(data_json), student="dual-bert32x1-vit32x1", progress=False, max_steps=2, epochs=1, batch_size=4,
                 num_negatives=4, num_hard=2, out=str(tmp_path / "run"))
     return DistillSettings(**{**base, **overrides})
 
@@ -174,7 +174,7 @@ def test_alpha_schedule_trains_end_to_end(data_json, tmp_path, schedule):
     teacher_dir = tmp_path / "teacher"
     meter_test().save_pretrained(teacher_dir)
     cli.main(["distill", "--teacher", "meter", "--teacher-checkpoint", str(teacher_dir), "--data", str(data_json),
-              "--student", "dual_test", "--out", str(tmp_path / "run"), "--max-steps", "3", "--batch-size", "4",
+              "--student", "dual-bert32x1-vit32x1", "--out", str(tmp_path / "run"), "--max-steps", "3", "--batch-size", "4",
               "--epochs", "1", "--num-negatives", "4", "--num-hard", "2", "--no-fusion", "--no-baseline",
               "--alpha", "0.6", "--alpha-end", "0.0", "--alpha-schedule", schedule])
     log = [json.loads(line) for line in (tmp_path / "run" / "dcd" / "metrics.jsonl").read_text().splitlines()]
@@ -308,6 +308,24 @@ def test_ablation_runner_records_every_row_and_resumes(data_json, tmp_path):
     assert partial == records and not (out / "records" / "dual-dcd-seed2.json").exists()
     with pytest.raises(ValueError, match="unknown method"):
         ablations.run_ablations(settings, methods=["dcd_magic"], out=out)
+
+
+def test_fusion_rows_are_measured_as_re_rankers_of_the_dual_baseline(data_json, tmp_path):
+    teacher_dir = tmp_path / "teacher"
+    meter_test().save_pretrained(teacher_dir)
+    settings = _settings(data_json, tmp_path, teacher_checkpoint=str(teacher_dir), eval_split="test")
+    out = tmp_path / "ablations"
+    with pytest.raises(ValueError, match="re-rank the dual baseline of the same seed"):
+        ablations.run_ablations(settings, seeds=(0,), methods=["dcd"], kinds=("fusion",), out=out,
+                                results_json=tmp_path / "c.json")
+    records = ablations.run_ablations(settings, seeds=(0,), methods=["baseline", "dcd"], kinds=("dual", "fusion"),
+                                      out=out, results_json=tmp_path / "c.json")
+    fusion = [r for r in records if r["student"] == "fusion"]
+    dual_baseline = next(r for r in records if r["student"] == "dual" and r["method"] == "baseline")
+    assert [r["method"] for r in fusion] == ["baseline", "dcd"]
+    for r in fusion:  # the first stage's own recall is the dual baseline's: the same model, the same split
+        assert r["rerank_k"] == ablations.FUSION_RERANK_K and r["first_stage_test_rsum"] == dual_baseline["test_rsum"]
+        assert 0 <= r["test_i2t_r1"] <= 100 and r["params"] < records[0]["params"]
 
 
 def test_summary_means_and_stds():
