@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="synthetic", choices=("synthetic",))
     p.add_argument("--data-root")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--teacher-config", action="append", metavar="KEY=VALUE",
+                   help="override the embedded teacher's training (epochs, max_steps, lr, group_size) or model config "
+                        "(repeatable); such a teacher is trained into a folder of its own")
     p.add_argument("--compare-dual", action="store_true",
                    help="also train the undistilled dual student for the teacher's training time and report both")
     p.add_argument("--out", help="run folder of --compare-dual (default: runs/<teacher>-synthetic)")
@@ -274,8 +277,11 @@ def _run(args: argparse.Namespace) -> int:
         from .retrieval import evaluate
 
         test = load_split(args.data, args.data_root, split="test")
+        from .recipes import parse_overrides
+
         model, info = embedded_teacher(args.teacher, load_split(args.data, args.data_root, split="train"),
-                                       device=args.device, evaluate_on=test)
+                                       device=args.device, evaluate_on=test,
+                                       overrides=parse_overrides(args.teacher_config))
         if test.name not in info:  # reused from an earlier run: measure it now
             info[test.name] = evaluate(model, test, device=args.device)
         print(json.dumps(info, indent=1))

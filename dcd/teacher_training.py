@@ -62,6 +62,10 @@ EMBEDDED_TEACHERS: Dict[str, Dict[str, Any]] = {
 }
 
 
+#: the keys of an embedded teacher's recipe that ``--teacher-config`` may override besides its model config
+TRAINING_KEYS = ("epochs", "max_steps", "lr", "group_size")
+
+
 def pooled(features: Features) -> Tensor:
     """Mean of a feature set's tokens over its mask: the unimodal summary the ITC heads read."""
     tokens = features["tokens"]
@@ -157,15 +161,18 @@ def embedded_teacher(family: str, train: CaptionSplit, device: str = "cpu", prog
                      overrides: Optional[Dict[str, Any]] = None) -> Tuple[Scorer, Dict[str, Any]]:
     """The embedded default's teacher of ``family``: trained once, then loaded from disk.
 
-    ``overrides`` (``--teacher-config key=value``) change the preset's config, e.g. ``num_layers=6``; such a
-    teacher is trained and kept in a folder of its own.
+    ``overrides`` (``--teacher-config key=value``) change the training recipe (:data:`TRAINING_KEYS`, e.g.
+    ``max_steps=3200``) or the preset's config (any other key, e.g. ``num_fusion_layers=3``); such a teacher is
+    trained and kept in a folder of its own.
     """
     if family not in EMBEDDED_TEACHERS:
         raise ValueError(f"no embedded recipe for teacher {family!r}; known: {sorted(EMBEDDED_TEACHERS)} "
                          "(bring a checkpoint with --teacher-checkpoint)")
     recipe = EMBEDDED_TEACHERS[family]
     if overrides:
-        recipe = {**recipe, "overrides": {**recipe["overrides"], **overrides}}
+        training = {k: v for k, v in overrides.items() if k in TRAINING_KEYS}
+        model = {k: v for k, v in overrides.items() if k not in TRAINING_KEYS}
+        recipe = {**recipe, **training, "overrides": {**recipe["overrides"], **model}}
     directory = teacher_dir(family, train, overrides)
     weights, info_path = directory / "model", directory / "teacher.json"
     # a teacher trained (or half-trained) by another recipe is cleared, never reused or resumed
