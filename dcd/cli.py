@@ -271,19 +271,22 @@ def _run(args: argparse.Namespace) -> int:
         return run(args)
 
     if args.command == "teacher":
+        from pathlib import Path
+
+        from teachers import as_teacher
+
         from .data import load_split
+        from .recipes import parse_overrides
+        from .score_matrices import cached_score_matrix
         from .teacher_training import embedded_teacher
 
-        from .retrieval import evaluate
-
         test = load_split(args.data, args.data_root, split="test")
-        from .recipes import parse_overrides
-
         model, info = embedded_teacher(args.teacher, load_split(args.data, args.data_root, split="train"),
-                                       device=args.device, evaluate_on=test,
-                                       overrides=parse_overrides(args.teacher_config))
-        if test.name not in info:  # reused from an earlier run: measure it now
-            info[test.name] = evaluate(model, test, device=args.device)
+                                       device=args.device, overrides=parse_overrides(args.teacher_config))
+        # the exhaustive val and test scores, cached beside the teacher: students and ablations reuse them
+        for split in (load_split(args.data, args.data_root, split="val"), test):
+            _, scored = cached_score_matrix(as_teacher(model), split, Path(info["path"]).parent / "scores", args.device)
+            info[split.name] = {**scored["metrics"], "elapsed_s": scored["elapsed_s"]}
         print(json.dumps(info, indent=1))
         if args.compare_dual:
             from .pipeline import DistillSettings, equal_time_dual

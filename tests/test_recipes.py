@@ -80,3 +80,18 @@ def test_a_teacher_override_trains_its_own_teacher_and_keeps_the_default(fixture
     assert (teacher_training.teacher_dir("meter", train) / "model").is_dir()  # the default was not cleared
     longer, info = teacher_training.embedded_teacher("meter", train, progress=False, overrides={"max_steps": 3})
     assert info["steps"] == 3 and longer.config.num_fusion_layers == default.config.num_fusion_layers
+
+
+def test_dcd_teacher_trains_an_overridden_teacher_and_caches_its_scores(fixture_json, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DCD_HOME", str(tmp_path / "home"))
+    monkeypatch.setitem(teacher_training.EMBEDDED_TEACHERS, "meter",
+                        {"preset": "test", "overrides": teacher_training.SCRATCH_OVERRIDES, "epochs": 1,
+                         "max_steps": 3, "lr": 1e-3})
+    import dcd.data
+
+    monkeypatch.setattr(dcd.data, "build_synthetic", lambda root=None, **kwargs: fixture_json)  # the small set
+    cli.main(["teacher", "--teacher-config", "max_steps=2"])
+    info = json.loads(capsys.readouterr().out)
+    assert info["steps"] == 2 and info["synthetic-test"]["rsum"] >= 0 and "binding" in info["synthetic-val"]
+    scores = sorted(p.name for p in (tmp_path / "home" / "teachers").glob("meter-*/scores/*.npy"))
+    assert scores == ["synthetic-test.npy", "synthetic-val.npy"]
