@@ -106,7 +106,10 @@ def run_ablations(settings: DistillSettings, seeds: Sequence[int] = (0, 1, 2),
             if kind == "fusion" and method not in FUSION_METHODS:
                 continue
             for seed in seeds:
-                if not train_missing and not (root / "records" / f"{kind}-{method}-seed{seed}.json").is_file():
+                path = root / "records" / f"{kind}-{method}-seed{seed}.json"
+                if not train_missing:  # a report: what was measured, as recorded (each record keeps its identity)
+                    if path.is_file():
+                        records.append(json.loads(path.read_text())["record"])
                     continue
                 records.append(_one_run(kind, method, seed, settings, splits, teacher, teacher_model, cache, root))
     # the teacher last: its exhaustive scores take longest and are cached for every later sweep

@@ -306,6 +306,12 @@ def test_ablation_runner_records_every_row_and_resumes(data_json, tmp_path):
     partial = ablations.run_ablations(settings, seeds=(0, 1, 2), methods=methods, kinds=("dual",), out=out,
                                       results_json=results, train_missing=False)
     assert partial == records and not (out / "records" / "dual-dcd-seed2.json").exists()
+    # ... even when its settings differ from the records' (a sweep run with other budgets): it reports them as they are
+    from dataclasses import replace
+
+    other = ablations.run_ablations(replace(settings, lr=0.5), seeds=(0, 1), methods=methods, kinds=("dual",), out=out,
+                                    results_json=results, train_missing=False)
+    assert other == records and mtimes == {p: p.stat().st_mtime_ns for p in (out / "records").iterdir()}
     with pytest.raises(ValueError, match="unknown method"):
         ablations.run_ablations(settings, methods=["dcd_magic"], out=out)
 
