@@ -24,7 +24,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import students
 import teachers
-from teachers.base import Scorer, atomic_write
+from teachers.base import Scorer
+from teachers.files import write_text
 
 from . import retrieval
 from .pipeline import (DistillSettings, build_dual, count_parameters, load_data, load_teacher, student_identity,
@@ -157,7 +158,7 @@ def _one_run(kind: str, method: str, seed: int, settings: DistillSettings, split
     log.info("%s %s seed %d: val RSUM %.1f, test RSUM %.1f", kind, method, seed, val["rsum"], test["rsum"])
     if is_main_process():
         text = json.dumps({"identity": identity, "record": record}, indent=1, default=str)
-        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+        write_text(path, text)
     return record
 
 
@@ -306,7 +307,7 @@ def write_results(records: List[Dict[str, Any]], path: Path) -> None:
         kept = [r for r in json.loads(path.read_text())["records"] if r["teacher"] not in teacher_names]
     everything = kept + records
     text = json.dumps({"generated": time.strftime("%Y-%m-%d %H:%M"), "records": everything}, indent=1)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    write_text(path, text)
     table = markdown_table(everything)
-    atomic_write(path.with_suffix(".md"), lambda tmp: Path(tmp).write_text(table + "\n"))
+    write_text(path.with_suffix(".md"), table + "\n")
     plot(everything, path.with_suffix(".png"))

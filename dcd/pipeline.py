@@ -20,7 +20,8 @@ import torch
 
 import students
 import teachers
-from teachers.base import Scorer, atomic_write
+from teachers.base import Scorer
+from teachers.files import write_text
 
 from . import retrieval
 from .checkpoint import claim_run_dir
@@ -364,7 +365,7 @@ def run_distill(settings: DistillSettings) -> Dict[str, Any]:
     log.info("data: %s", ", ".join(s.summary() for s in splits.values()))
     if is_main_process():  # what this run does, resolved (``dcd distill --print-recipe`` shows the same)
         recipe = settings.recipe(training_steps(settings.budget(), splits["train"].num_captions)).to_dict()
-        atomic_write(run_dir / "recipe.json", lambda tmp: Path(tmp).write_text(json.dumps(recipe, indent=1)))
+        write_text(run_dir / "recipe.json", json.dumps(recipe, indent=1))
     teacher_model, teacher_info = load_teacher(settings, splits)
     teacher = teachers.as_teacher(teacher_model).to(settings.device)
     cache = teacher_score_cache(teacher, settings, splits["train"], run_dir)

@@ -18,3 +18,18 @@ def _seed():
     np.random.seed(0)
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def unit_teacher_recipe(monkeypatch, tmp_path):
+    """``use(max_steps)``: the embedded METER recipe at unit-test size, trained under a private ``$DCD_HOME``."""
+    from dcd import teacher_training
+
+    monkeypatch.setenv("DCD_HOME", str(tmp_path / "home"))
+
+    def use(max_steps: int) -> None:
+        monkeypatch.setitem(teacher_training.EMBEDDED_TEACHERS, "meter",
+                            {"preset": "test", "overrides": teacher_training.SCRATCH_OVERRIDES, "epochs": 1,
+                             "max_steps": max_steps, "lr": 1e-3})
+
+    return use

@@ -16,11 +16,8 @@ def fixture_json(tmp_path_factory):
     return build_synthetic(tmp_path_factory.mktemp("data"), sizes=(24, 4, 4), image_size=32)
 
 
-def test_teacher_finetuning_trains_and_is_reused(fixture_json, tmp_path, monkeypatch):
-    monkeypatch.setenv("DCD_HOME", str(tmp_path / "home"))
-    monkeypatch.setitem(teacher_training.EMBEDDED_TEACHERS, "meter",
-                        {"preset": "test", "overrides": teacher_training.SCRATCH_OVERRIDES, "epochs": 1,
-                         "max_steps": 3, "lr": 1e-3})
+def test_teacher_finetuning_trains_and_is_reused(fixture_json, tmp_path, monkeypatch, unit_teacher_recipe):
+    unit_teacher_recipe(max_steps=3)
     train = load_karpathy(fixture_json, split="train")
     model, info = teacher_training.embedded_teacher("meter", train, progress=False)
     records = [json.loads(line) for line in (teacher_training.teacher_dir("meter", train) / "training" / "metrics.jsonl")

@@ -66,12 +66,9 @@ def test_teacher_config_overrides_parse_and_reject_bad_input():
         cli.main(["distill", "--teacher-config", "num_layers", "--print-recipe"])
 
 
-def test_a_teacher_override_trains_its_own_teacher_and_keeps_the_default(fixture_json, tmp_path, monkeypatch):
+def test_a_teacher_override_trains_its_own_teacher_and_keeps_the_default(fixture_json, tmp_path, unit_teacher_recipe):
     """The teacher stage's identity holds its config: an override is a new teacher, in a folder of its own."""
-    monkeypatch.setenv("DCD_HOME", str(tmp_path / "home"))
-    monkeypatch.setitem(teacher_training.EMBEDDED_TEACHERS, "meter",
-                        {"preset": "test", "overrides": teacher_training.SCRATCH_OVERRIDES, "epochs": 1,
-                         "max_steps": 2, "lr": 1e-3})
+    unit_teacher_recipe(max_steps=2)
     train = load_karpathy(fixture_json, split="train")
     default, _ = teacher_training.embedded_teacher("meter", train, progress=False)
     wider, _ = teacher_training.embedded_teacher("meter", train, progress=False, overrides={"num_fusion_layers": 2})
@@ -82,11 +79,9 @@ def test_a_teacher_override_trains_its_own_teacher_and_keeps_the_default(fixture
     assert info["steps"] == 3 and longer.config.num_fusion_layers == default.config.num_fusion_layers
 
 
-def test_dcd_teacher_trains_an_overridden_teacher_and_caches_its_scores(fixture_json, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("DCD_HOME", str(tmp_path / "home"))
-    monkeypatch.setitem(teacher_training.EMBEDDED_TEACHERS, "meter",
-                        {"preset": "test", "overrides": teacher_training.SCRATCH_OVERRIDES, "epochs": 1,
-                         "max_steps": 3, "lr": 1e-3})
+def test_dcd_teacher_trains_an_overridden_teacher_and_caches_its_scores(fixture_json, tmp_path, monkeypatch, capsys,
+                                                                        unit_teacher_recipe):
+    unit_teacher_recipe(max_steps=3)
     import dcd.data
 
     monkeypatch.setattr(dcd.data, "build_synthetic", lambda root=None, **kwargs: fixture_json)  # the small set
