@@ -31,7 +31,7 @@ from .recipes import EMBEDDED_DATA, Budget, Preset, preset_for, resolve, trainin
 from .report import plot_training_curves, read_metrics, results_table
 from .score_matrices import cached_score_matrix, plateau_k, rerank_curve
 from .teacher_training import embedded_teacher
-from .trainer import TrainConfig, is_main_process
+from .trainer import TrainConfig, is_main_process, seconds_trained
 
 log = logging.getLogger(__name__)
 
@@ -219,11 +219,11 @@ def train_student(name: str, student: Scorer, teacher: Optional[Scorer], setting
     history = distiller.fit(train, out, config, evaluate=validate_each_epoch, resume=True, group_size=group_size)
     summary = {  # the stage's identity (recipe.json), then what the run did; "teacher" says whether it had one
         **json.loads(json.dumps(recipe)), "name": name, "teacher": teacher is not None,
-        "train_seconds": round(time.time() - started, 1), "steps": max([r["step"] for r in history] or [0]),
+        "train_seconds": seconds_trained(history, time.time() - started), "steps": max([r["step"] for r in history] or [0]),
     }
     if is_main_process():
         student.save_pretrained(saved)
-        summary_path.write_text(json.dumps(summary, indent=1))
+        write_text(summary_path, json.dumps(summary, indent=1))
     return student, summary
 
 
@@ -403,8 +403,8 @@ def run_distill(settings: DistillSettings) -> Dict[str, Any]:
         "curves": str(curves) if curves else None,
     }
     if is_main_process():
-        (run_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
-        (run_dir / "results.txt").write_text(table + "\n")
+        write_text(run_dir / "results.json", json.dumps(results, indent=1, default=str))
+        write_text(run_dir / "results.txt", table + "\n")
         print("\n" + table)
         print(f"\nwritten: {run_dir}/results.json, results.txt, training_curves.png; students in "
               f"{run_dir}/*/{STUDENT_DIR}/ ({results['total_seconds']:.0f} s)")

@@ -39,13 +39,14 @@ from torch import Tensor, nn
 
 import teachers
 from teachers.base import Features, Scorer
+from teachers.files import write_text
 
 from . import retrieval
 from .checkpoint import claim_run_dir
 from .data import CaptionSplit, TrainPairs, collate_train, dcd_home
 from .data.neighbour_batches import NeighbourGrouping
 from .losses import contrastive_loss, self_loss
-from .trainer import TrainConfig, Trainer, is_main_process
+from .trainer import TrainConfig, Trainer, is_main_process, seconds_trained
 
 log = logging.getLogger(__name__)
 
@@ -183,14 +184,14 @@ def embedded_teacher(family: str, train: CaptionSplit, device: str = "cpu", prog
     torch.manual_seed(0)
     model = teachers.create_model(family, preset=recipe["preset"], **recipe.get("pretrained", {}), **recipe["overrides"])
     started = time.time()
-    finetune_teacher(model, train, None, directory / "training", epochs=recipe["epochs"], lr=recipe["lr"],
+    history = finetune_teacher(model, train, None, directory / "training", epochs=recipe["epochs"], lr=recipe["lr"],
                      max_steps=recipe["max_steps"], device=device, progress=progress,
                      group_size=recipe.get("group_size", 1))
-    info: Dict[str, Any] = {"family": family, "preset": recipe["preset"], "train_seconds": round(time.time() - started, 1),
+    info: Dict[str, Any] = {"family": family, "preset": recipe["preset"], "train_seconds": seconds_trained(history, time.time() - started),
                             "steps": recipe["max_steps"], "lr": recipe["lr"], "path": str(weights)}
     if evaluate_on is not None:
         info[evaluate_on.name] = retrieval.evaluate(model, evaluate_on, device=device, progress=False)
     if is_main_process():
         model.save_pretrained(weights)
-        info_path.write_text(json.dumps(info, indent=1))
+        write_text(info_path, json.dumps(info, indent=1))
     return model.to(device), info

@@ -108,6 +108,12 @@ def _param_groups(params: List[nn.Parameter], names: List[str], weight_decay: fl
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def seconds_trained(history: List[Dict[str, Any]], default: float) -> float:
+    """Training wall time of a run from its :meth:`Trainer.fit` history (summed over resumes); ``default``
+    when the history logged no step (a run that found its last checkpoint already at the end)."""
+    return round(max((r["elapsed_s"] for r in history if "elapsed_s" in r), default=default), 1)
+
+
 class Trainer:
     """Train ``module`` on ``dataset``; ``evaluate(module) -> dict`` runs on rank 0 after each epoch."""
 
@@ -165,6 +171,14 @@ class Trainer:
             )
         self.epoch, self.batch_in_epoch, self.global_step = 0, 0, 0
         self.history: List[Dict[str, Any]] = []
+        # training wall time across resumes: what earlier runs spent (from the checkpoint) plus this run's
+        self._elapsed_before, self._started = 0.0, None
+
+    @property
+    def elapsed_s(self) -> float:
+        """Seconds spent training so far, summed over every run that resumed this one."""
+        running = time.time() - self._started if self._started is not None else 0.0
+        return self._elapsed_before + running
 
     # ------------------------------------------------------------------ checkpoints
     @property
@@ -181,6 +195,7 @@ class Trainer:
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "global_step": self.global_step,
+            "elapsed_s": self.elapsed_s,
             "config": json.dumps(asdict(self.config), default=str),
         }
 
@@ -206,6 +221,7 @@ class Trainer:
         set_rng_state(state["rng"])
         self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
         self.global_step = state["global_step"]
+        self._elapsed_before = float(state.get("elapsed_s", 0.0))  # checkpoints from before it was saved: 0
         log.info("resumed from %s at epoch %d, batch %d, step %d", self.checkpoint_path, self.epoch, self.batch_in_epoch, self.global_step)
         return True
 
@@ -238,7 +254,7 @@ class Trainer:
         if resume:
             self.resume()
         self.module.train()
-        started = time.time()
+        self._started = time.time()
         bar = tqdm(total=self.total_steps, initial=self.global_step, desc=cfg.desc, disable=not (cfg.progress and is_main_process()),
                    dynamic_ncols=True)
         running: Dict[str, float] = {}
@@ -281,7 +297,7 @@ class Trainer:
                 if self.global_step % cfg.log_every == 0 or self.global_step == self.total_steps:
                     record = {k: v / window for k, v in running.items()}
                     record = {"step": self.global_step, "epoch": self.epoch, "lr": self.scheduler.get_last_lr()[0], **record,
-                              "elapsed_s": round(time.time() - started, 2)}
+                              "elapsed_s": round(self.elapsed_s, 2)}
                     bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}")
                     self._log(record)
                     running, window = {}, 0
@@ -300,6 +316,7 @@ class Trainer:
             elif self.global_step >= self.total_steps:
                 self.save()
         bar.close()
+        self._elapsed_before, self._started = self.elapsed_s, None
         if dist.is_initialized():
             dist.barrier()
         return self.history

@@ -72,6 +72,37 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path):
         assert torch.equal(value, ref_weights[key]), key
 
 
+def test_training_time_is_summed_over_resumes(tmp_path, monkeypatch):
+    """A resumed run reports the time of every run that trained it, not only its own (the checkpoint carries it)."""
+    import dcd.trainer as trainer_module
+    from dcd.trainer import seconds_trained
+
+    clock = {"now": 1000.0}
+
+    def tick():  # every call to the clock advances it one second: elapsed times are exact counts
+        clock["now"] += 1.0
+        return clock["now"]
+
+    monkeypatch.setattr(trainer_module.time, "time", tick)
+
+    def kill(step, _):
+        if step == 17:
+            raise Killed
+
+    first = _trainer(tmp_path / "run")
+    first.on_step = kill
+    with pytest.raises(Killed):
+        first.fit()
+    spent_first = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["elapsed_s"]
+    assert spent_first > 0
+    second = _trainer(tmp_path / "run")
+    history = second.fit(resume=True)
+    steps = [r["elapsed_s"] for r in history if "elapsed_s" in r]
+    assert steps[0] > spent_first and steps == sorted(steps)  # continues from the first run's time
+    assert seconds_trained(history, default=0.0) == round(steps[-1], 1)
+    assert seconds_trained([], default=12.34) == 12.3
+
+
 def test_sampler_order_is_seeded_sharded_and_resumable():
     full = ResumableSampler(10, seed=3)
     full.set_epoch(2)
