@@ -39,10 +39,10 @@ from torch import Tensor, nn
 
 import teachers
 from teachers.base import Features, Scorer
-from teachers.files import write_text
+from teachers.files import write_json, write_text
 
 from . import retrieval
-from .checkpoint import claim_run_dir
+from .checkpoint import RECIPE_NAME, claim_run_dir
 from .data import CaptionSplit, TrainPairs, collate_train, dcd_home
 from .data.neighbour_batches import NeighbourGrouping
 from .losses import contrastive_loss, self_loss
@@ -57,9 +57,9 @@ SCRATCH_OVERRIDES = {"initializer_range": 0.1, "hidden_dropout_prob": 0.0, "atte
 
 #: embedded teacher per family: registry preset, config overrides, training budget
 EMBEDDED_TEACHERS: Dict[str, Dict[str, Any]] = {
-    "meter": {"preset": "tiny", "overrides": SCRATCH_OVERRIDES, "pretrained": {"text_pretrained": "minilm"},
+    "meter": {"preset": "minilm2-vit128x4", "overrides": SCRATCH_OVERRIDES, "pretrained": {"text_pretrained": "minilm"},
               "epochs": 4, "max_steps": 800, "lr": 3e-4, "group_size": 2},
-    "vilt": {"preset": "tiny", "overrides": SCRATCH_OVERRIDES, "epochs": 4, "max_steps": 800, "lr": 1e-3, "group_size": 2},
+    "vilt": {"preset": "vit128x4", "overrides": SCRATCH_OVERRIDES, "epochs": 4, "max_steps": 800, "lr": 1e-3, "group_size": 2},
 }
 
 
@@ -157,6 +157,26 @@ def teacher_dir(family: str, train: CaptionSplit, overrides: Optional[Dict[str, 
     return dcd_home() / "teachers" / f"{family}-{source.parent.name}{suffix}"
 
 
+def _rename_stored_preset(directory: Path, family: str, recipe: Dict[str, Any]) -> None:
+    """A teacher trained when its preset had an older name ("tiny") keeps its identity under the new one.
+
+    The stored ``recipe.json`` is rewritten when it differs from ``recipe`` only by a deprecated preset
+    name that resolves to ``recipe["preset"]``; without this, renaming a preset would retrain every
+    cached teacher (hours on CPU) for weights that are the same.
+    """
+    path = directory / RECIPE_NAME
+    if not path.is_file() or not is_main_process():
+        return
+    stored = json.loads(path.read_text())
+    old = stored.get("preset") if isinstance(stored, dict) else None
+    presets = getattr(teachers.TEACHERS.get(family), "presets", None)
+    if old is None or old == recipe["preset"] or presets is None or presets.aliases().get(old) != recipe["preset"]:
+        return
+    if {**stored, "preset": recipe["preset"]} == json.loads(json.dumps(recipe)):
+        log.info("teacher: %s names preset %r by its old name; now %r", path, old, recipe["preset"])
+        write_json(path, {**stored, "preset": recipe["preset"]}, indent=1, sort_keys=False, newline=False)
+
+
 def embedded_teacher(family: str, train: CaptionSplit, device: str = "cpu", progress: bool = True,
                      evaluate_on: Optional[CaptionSplit] = None,
                      overrides: Optional[Dict[str, Any]] = None) -> Tuple[Scorer, Dict[str, Any]]:
@@ -176,6 +196,7 @@ def embedded_teacher(family: str, train: CaptionSplit, device: str = "cpu", prog
         recipe = {**recipe, **training, "overrides": {**recipe["overrides"], **model}}
     directory = teacher_dir(family, train, overrides)
     weights, info_path = directory / "model", directory / "teacher.json"
+    _rename_stored_preset(directory, family, recipe)
     # a teacher trained (or half-trained) by another recipe is cleared, never reused or resumed
     if claim_run_dir(directory, recipe, is_main_process()) and info_path.is_file():
         log.info("teacher: reusing %s", weights)

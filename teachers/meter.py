@@ -17,7 +17,7 @@ per image / caption (features ``{"tokens": [N, T, H], "mask": [N, T]}``), the fu
 pair. ``score_features`` (all pairs) also computes the per-item parts of the first co-attention layer
 (each stream's self-attention, the cross-attention keys/values and queries) once per image / caption.
 ``score_pairs_naive`` / ``score_naive`` run the whole model for every pair, as the official evaluation
-does. Presets: ``meter_base()``, ``meter_tiny()``, ``meter_test()`` build models; ``METERConfig.preset``
+does. Presets: ``meter_preset(name)`` builds a model of each; ``METERConfig.preset``
 gives their configs. Registry: ``teachers.create_teacher("meter", checkpoint=..., preset=...)``.
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ from .tokenizers import minilm_path
 
 __all__ = [
     "CLIP_MEAN", "CLIP_STD", "CheckpointError", "KNOWN_LEFTOVERS", "METER", "METERConfig", "MeterImageTower",
-    "MeterTextTower", "create_meter", "load_official_checkpoint", "meter_base", "meter_test", "meter_tiny",
+    "MeterTextTower", "create_meter", "load_official_checkpoint", "meter_preset",
 ]
 
 WEIGHTS_NAME = "model.safetensors"
@@ -110,7 +110,7 @@ class METER(Scorer):
     def __init__(self, config: Optional[METERConfig | Dict] = None, **overrides):
         super().__init__()
         if config is None:
-            config = METERConfig.base()
+            config = METERConfig.preset("base")
         elif isinstance(config, dict):
             config = METERConfig.from_dict(config)
         if overrides:
@@ -425,19 +425,10 @@ def load_official_checkpoint(model: METER, path: str | Path | Dict[str, Tensor],
 
 
 # --------------------------------------------------------------------------------------------- presets
-def meter_base(**overrides) -> METER:
-    """Official sizes (METER-CLIP16-RoBERTa @384), random weights; load a checkpoint for real scores."""
-    return METER(METERConfig.preset("base", **overrides))
-
-
-def meter_tiny(**overrides) -> METER:
-    """The embedded default's teacher size (random weights): 64 px, 128 wide, 2 co-attention layers."""
-    return METER(METERConfig.preset("tiny", **overrides))
-
-
-def meter_test(**overrides) -> METER:
-    """Unit-test size (random weights): 32 px, 32 wide, 3 co-attention layers."""
-    return METER(METERConfig.preset("test", **overrides))
+def meter_preset(name: str = "base", **overrides) -> METER:
+    """A METER of preset ``name`` (:data:`~teachers.meter_config.PRESETS`), random weights: ``"base"`` is the
+    official size (load a checkpoint for real scores), ``"minilm2-vit128x4"`` the embedded teacher's, ``"roberta32x1-vit32x2"`` unit-test size."""
+    return METER(METERConfig.preset(name, **overrides))
 
 
 # --------------------------------------------------------------------------------------------- registry
@@ -452,11 +443,11 @@ def create_meter(checkpoint: Optional[str | Path] = None, config: Optional[METER
             derived from its shapes and ``hyper_parameters.config``), a directory written by
             ``save_pretrained``, or None for random weights.
         config: a ``METERConfig`` / dict; default: the ``preset``.
-        preset: "base" (official sizes), "tiny" or "test"; the base config a checkpoint refines.
+        preset: "base" (official sizes), "minilm2-vit128x4" or "roberta32x1-vit32x2"; the base config a checkpoint refines.
         trusted: allow a ``.ckpt`` holding arbitrary pickled objects (``weights_only=False``).
         clip_checkpoint: with no ``checkpoint``, fill the image tower from an OpenAI CLIP file (``ViT-B-16.pt``).
         text_pretrained: with no ``checkpoint``, load the text tower from a hub id / directory ("roberta-base"),
-            or "minilm": the packaged MiniLM-L6 (offline; fits the "tiny" preset).
+            or "minilm": the packaged MiniLM-L6 (offline; fits the "minilm2-vit128x4" preset).
         overrides: ``METERConfig`` fields (e.g. ``image_size=384``).
     """
     if isinstance(config, dict):

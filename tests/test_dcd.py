@@ -14,7 +14,7 @@ from dcd.losses import contrastive_loss, distill_loss, self_loss
 from dcd.score_cache import StaleCacheError, TeacherScoreCache
 from dcd.trainer import TrainConfig
 from dcd.weighting import AlphaSchedule, distill_weights, dynamic_weights, entropy_share
-from teachers.meter import meter_test
+from teachers.meter import meter_preset
 
 
 # ------------------------------------------------------------------------------------------ losses
@@ -129,7 +129,7 @@ def tiny_split(tmp_path_factory):
 
 
 def _setup(split, student="dual", **config):
-    meter = meter_test()
+    meter = meter_preset("roberta32x1-vit32x2")
     if student == "dual":
         model = students.dual_test(pretrained=False)
     else:
@@ -184,7 +184,7 @@ def test_distiller_directions_and_baseline(tiny_split):
 
 
 def test_in_batch_mode_without_corpus_and_nearest_negatives(tiny_split):
-    meter = meter_test()
+    meter = meter_preset("roberta32x1-vit32x2")
     distiller = dcd.wrap(meter, students.dual_test(pretrained=False), num_negatives=4, num_hard=2)
     out = distiller(_batch(distiller, tiny_split))
     assert torch.isfinite(out["loss"])
@@ -194,7 +194,7 @@ def test_in_batch_mode_without_corpus_and_nearest_negatives(tiny_split):
 
 
 def test_shared_storage_with_teacher_is_refused(tiny_split):
-    meter = meter_test()
+    meter = meter_preset("roberta32x1-vit32x2")
     with pytest.raises(ValueError, match="share storage"):
         dcd.wrap(meter, meter)
 
@@ -203,7 +203,7 @@ def test_shared_storage_with_teacher_is_refused(tiny_split):
 def test_score_cache_matches_live_teacher_and_rejects_stale(tiny_split, tmp_path):
     from teachers import as_teacher
 
-    teacher = as_teacher(meter_test())
+    teacher = as_teacher(meter_preset("roberta32x1-vit32x2"))
     cache = TeacherScoreCache.build(teacher, tiny_split, tmp_path / "cache", pool_size=6, batch_size=5, progress=False)
     assert cache.pool.shape == (16, 6) and not (tiny_split.caption_image_tensor()[torch.from_numpy(cache.pool.copy())]
                                                == torch.arange(16)[:, None]).any()

@@ -18,7 +18,7 @@ from dcd.checkpoint import claim_run_dir
 from dcd.index import AnnParams, Index, StudentMismatch, image_folder
 from dcd.index.encode import chunk_path, encode_chunks, merge_chunks
 from students.dual import dual_test
-from teachers.meter import meter_test
+from teachers.meter import meter_preset
 
 COLOURS = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220), "yellow": (230, 230, 20),
            "cyan": (20, 220, 220), "magenta": (220, 20, 220), "white": (250, 250, 250), "black": (5, 5, 5)}
@@ -215,7 +215,7 @@ def test_rerank_with_a_teacher_checkpoint_and_a_fusion_student(world, tmp_path, 
     cli.main(["index", str(tmp_path / "idx"), "--student", str(world["student"]), "--images", str(world["images"]),
               "--no-progress"])
     teacher = tmp_path / "teacher"
-    meter_test().save_pretrained(teacher)
+    meter_preset("roberta32x1-vit32x2").save_pretrained(teacher)
     capsys.readouterr()
     cli.main(["search", str(tmp_path / "idx"), "a red picture", "--rerank", "teacher", "--teacher-checkpoint",
               str(teacher), "--rerank-k", "5", "-k", "3", "--json"])
@@ -224,7 +224,7 @@ def test_rerank_with_a_teacher_checkpoint_and_a_fusion_student(world, tmp_path, 
     scores = [h["score"] for h in out["hits"]]
     assert scores == sorted(scores, reverse=True) and all("retrieval_score" in h for h in out["hits"])
     fusion = tmp_path / "fusion"
-    students.create_student("fusion", teacher=meter_test(), layers=(0,)).save_pretrained(fusion)
+    students.create_student("fusion", teacher=meter_preset("roberta32x1-vit32x2"), layers=(0,)).save_pretrained(fusion)
     cli.main(["search", str(tmp_path / "idx"), "a blue picture", "--rerank", "fusion", "--reranker", str(fusion),
               "--rerank-k", "4", "-k", "6"])
     lines = capsys.readouterr().out.splitlines()
@@ -307,7 +307,7 @@ def test_benchmark_quick_run_writes_table_json_and_plot(world, tmp_path, capsys)
     spec.loader.exec_module(bench)
     data = build_synthetic(tmp_path / "data", sizes=(4, 2, 4), image_size=32)
     teacher = tmp_path / "teacher"
-    meter_test().save_pretrained(teacher)
+    meter_preset("roberta32x1-vit32x2").save_pretrained(teacher)
     out = tmp_path / "results"
     assert bench.main(["--quick", "--sizes", "300,600", "--out", str(out), "--student", str(world["student"]),
                        "--teacher-checkpoint", str(teacher), "--e2e-data", str(data)]) == 0
@@ -333,7 +333,7 @@ def test_distill_then_index_the_test_images_and_search_a_caption_with_teacher_re
 
     data = build_synthetic(tmp_path / "data", sizes=(24, 4, 12), image_size=32)
     teacher = tmp_path / "teacher"
-    meter_test().save_pretrained(teacher)
+    meter_preset("roberta32x1-vit32x2").save_pretrained(teacher)
     run = tmp_path / "run"
     cli.main(["distill", "--teacher", "meter", "--teacher-checkpoint", str(teacher), "--data", str(data), "--out",
               str(run), "--max-steps", "2", "--batch-size", "8", "--epochs", "1", "--num-negatives", "4",

@@ -167,15 +167,15 @@ def test_teacher_checkpoint_needs_one_family(latency, tmp_path):
 
 def test_checkpoint_of_the_wrong_family_is_named(latency, tmp_path):
     from students import FusionStudent
-    from teachers.meter import meter_test
+    from teachers.meter import meter_preset
 
-    meter_dir = meter_test().save_pretrained(tmp_path / "meter_teacher")
+    meter_dir = meter_preset("roberta32x1-vit32x2").save_pretrained(tmp_path / "meter_teacher")
     with pytest.raises(SystemExit) as exc:
         latency.main(["--device", "cpu", "--quick", "--teacher", "vilt", "--teacher-checkpoint", str(meter_dir),
                       "--out", str(tmp_path / "out")])
     assert str(meter_dir) in str(exc.value.code) and "meter" in str(exc.value.code)
 
-    fusion_dir = FusionStudent.from_teacher(meter_test()).save_pretrained(tmp_path / "fusion")
+    fusion_dir = FusionStudent.from_teacher(meter_preset("roberta32x1-vit32x2")).save_pretrained(tmp_path / "fusion")
     with pytest.raises(SystemExit) as exc:
         latency.main(["--device", "cpu", "--quick", "--teacher", "vilt", "--student-checkpoint", str(fusion_dir),
                       "--out", str(tmp_path / "out")])

@@ -1,5 +1,5 @@
 """METER teacher: cached scoring == the naive full forward, official checkpoint format, preprocessing,
-save/load, shrink. Tiny random models (``meter_test`` preset: 32 px, width 32) so the file runs in seconds."""
+save/load, shrink. Tiny random models (``meter_preset`` preset: 32 px, width 32) so the file runs in seconds."""
 import json
 import math
 
@@ -12,7 +12,7 @@ import teachers
 from teachers.base import Scorer, Teacher
 from teachers.meter_checkpoint import config_from_checkpoint
 from teachers.meter import (
-    CLIP_MEAN, CLIP_STD, METER, CheckpointError, METERConfig, create_meter, load_official_checkpoint, meter_test,
+    CLIP_MEAN, CLIP_STD, METER, CheckpointError, METERConfig, create_meter, load_official_checkpoint, meter_preset,
 )
 
 ATOL = 1e-5  # fp32; scores are O(1) after _spread, so this is ~1e-5 relative
@@ -42,7 +42,7 @@ def _spread(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def _model(seed=0, **overrides) -> METER:
     torch.manual_seed(seed)
-    return _spread(meter_test(**overrides), seed).eval()
+    return _spread(meter_preset("roberta32x1-vit32x2", **overrides), seed).eval()
 
 
 def _images(model: METER, n: int, seed: int = 1):
@@ -90,7 +90,7 @@ def test_gradients_flow_and_teacher_wrapper_freezes():
         assert model.get_parameter(name).grad is not None, name
     assert not model.itm_score.fc.weight.requires_grad  # frozen, unused (kept for loading), as in METER
     assert teachers.TEACHERS.get("meter") is create_meter  # registered on import of teachers.meter
-    teacher = Teacher(create_meter(preset="test"))
+    teacher = Teacher(create_meter(preset="roberta32x1-vit32x2"))
     assert isinstance(teacher, Teacher) and teacher.family == "meter"
     assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
 
@@ -165,25 +165,25 @@ def test_official_checkpoint_loads_and_reproduces_scores(tmp_path):
     images, texts = _images(model, 2), model.tokenize(CAPTIONS)
     with torch.no_grad():
         expected = model.score(images, texts)
-    fresh = meter_test().eval()
+    fresh = meter_preset("roberta32x1-vit32x2").eval()
     report = load_official_checkpoint(fresh, path)
     assert "vit_model.token_embedding.weight" in report["ignored"]
     assert "text_transformer.pooler.dense.weight" in report["ignored"] and not report["interpolated"]
-    built = create_meter(checkpoint=str(path), preset="test").eval()  # config from shapes + hyper_parameters
+    built = create_meter(checkpoint=str(path), preset="roberta32x1-vit32x2").eval()  # config from shapes + hyper_parameters
     assert built.config == model.config
     ptrs = [p.untyped_storage().data_ptr() for p in built.parameters()]
     assert len(ptrs) == len(set(ptrs))  # the shared rank_output / itm_score storage of the file is not kept
     with torch.no_grad():
         torch.testing.assert_close(fresh.score(images, texts), expected, atol=0, rtol=0)
         torch.testing.assert_close(built.score(images, texts), expected, atol=0, rtol=0)
-    teacher = Teacher(create_meter(checkpoint=str(path), preset="test"))
+    teacher = Teacher(create_meter(checkpoint=str(path), preset="roberta32x1-vit32x2"))
     torch.testing.assert_close(teacher.score(images, texts), expected, atol=0, rtol=0)
 
 
 def test_checkpoint_at_another_resolution_interpolates_positions(tmp_path):
     model = _model()  # 32 px, patch 8: a 4x4 grid
     path = _official_ckpt(model, tmp_path / "x288.ckpt", image_size=48)  # trained at 32, run at 48 (6x6)
-    big = create_meter(checkpoint=str(path), preset="test")
+    big = create_meter(checkpoint=str(path), preset="roberta32x1-vit32x2")
     assert big.config.image_size == 48
     pos = big.vit_model.visual.positional_embedding.detach()
     old = model.vit_model.visual.positional_embedding.detach()
@@ -192,7 +192,7 @@ def test_checkpoint_at_another_resolution_interpolates_positions(tmp_path):
     grid = old[1:].reshape(4, 4, 32).permute(2, 0, 1)[None]
     want = F.interpolate(grid, size=(6, 6), mode="bicubic", align_corners=False)[0].permute(1, 2, 0).reshape(36, 32)
     torch.testing.assert_close(pos[1:], want)
-    report = load_official_checkpoint(meter_test(image_size=48), path)
+    report = load_official_checkpoint(meter_preset("roberta32x1-vit32x2", image_size=48), path)
     assert report["interpolated"] == ["vit_model.visual.positional_embedding"]
     with torch.no_grad():
         assert big.encode_images(_images(big, 1))["tokens"].shape == (1, 37, 32)
@@ -204,14 +204,14 @@ def test_checkpoint_with_wrong_keys_names_them(tmp_path):
                              rename=("cross_modal_text_layers.1.output.dense.weight",
                                      "cross_modal_text_layers.1.out.dense.weight"))
     with pytest.raises(CheckpointError) as err:
-        load_official_checkpoint(meter_test(), renamed)
+        load_official_checkpoint(meter_preset("roberta32x1-vit32x2"), renamed)
     assert "cross_modal_text_layers.1.output.dense.weight" in str(err.value)  # missing
     assert "cross_modal_text_layers.1.out.dense.weight" in str(err.value)  # unexpected
     missing = _official_ckpt(model, tmp_path / "missing.ckpt", drop="rank_output.bias")
     with pytest.raises(CheckpointError, match=r"missing key.*rank_output\.bias"):
-        create_meter(checkpoint=str(missing), preset="test")
+        create_meter(checkpoint=str(missing), preset="roberta32x1-vit32x2")
     with pytest.raises(CheckpointError, match=r"shape mismatch.*cross_modal_text_transform\.weight"):
-        load_official_checkpoint(meter_test(hidden_size=64, num_heads=2), _official_ckpt(model, tmp_path / "s.ckpt"))
+        load_official_checkpoint(meter_preset("roberta32x1-vit32x2", hidden_size=64, num_heads=2), _official_ckpt(model, tmp_path / "s.ckpt"))
 
 
 class _Opaque:  # a pickled object that weights_only loading refuses
@@ -223,13 +223,13 @@ def test_checkpoint_with_pickled_objects_needs_trust(tmp_path):
     path = tmp_path / "opaque.ckpt"
     torch.save({"state_dict": model.state_dict(), "callbacks": _Opaque()}, path)
     with pytest.raises(CheckpointError, match="trusted=True"):
-        create_meter(checkpoint=str(path), preset="test")
-    assert isinstance(create_meter(checkpoint=str(path), preset="test", trusted=True), METER)
+        create_meter(checkpoint=str(path), preset="roberta32x1-vit32x2")
+    assert isinstance(create_meter(checkpoint=str(path), preset="roberta32x1-vit32x2", trusted=True), METER)
 
 
 def test_base_preset_has_the_official_key_names():
     with torch.device("meta"):  # no 1.3 GB allocation
-        model = METER(METERConfig.base())
+        model = METER(METERConfig.preset("base"))
     state = model.state_dict()
     keys = set(state)
     blocks = {int(k.split(".")[4]) for k in keys if k.startswith("vit_model.visual.transformer.resblocks.")}
@@ -278,7 +278,7 @@ def test_base_preset_has_the_official_key_names():
     official["vit_model.visual.positional_embedding"] = torch.empty(18 * 18 + 1, 768, device="meta")  # stored at 288
     hp = {"config": {"image_size": 384, "tokenizer": "roberta-base", "num_heads": 12, "max_text_len": 40,
                      "vit": "ViT-B/16", "drop_rate": 0.1, "num_top_layer": 6}}
-    assert config_from_checkpoint(official, hp, base=METERConfig.tiny()) == METERConfig.base()
+    assert config_from_checkpoint(official, hp, base=METERConfig.preset("minilm2-vit128x4")) == METERConfig.preset("base")
     assert config_from_checkpoint(official, {}).image_size == 288  # no hyper_parameters: the stored grid
 
 
@@ -286,7 +286,7 @@ def test_base_preset_has_the_official_key_names():
 def test_image_transform_on_real_jpeg_files(tmp_path):
     from PIL import Image
 
-    model = meter_test()  # image_size 32
+    model = meter_preset("roberta32x1-vit32x2")  # image_size 32
     transform = model.image_transform(train=False)
     files = []
     specs = [((80, 48), "RGB", (255, 0, 128)), ((30, 90), "L", 77), ((33, 33), "CMYK", (0, 0, 0, 0))]
@@ -314,7 +314,7 @@ def test_image_transform_on_real_jpeg_files(tmp_path):
 
 
 def test_tokenize_pads_to_longest_and_truncates():
-    model = meter_test()
+    model = meter_preset("roberta32x1-vit32x2")
     out = model.tokenize(["a dog", "word " * 100])
     assert out["input_ids"].shape == (2, 40) and out["attention_mask"][1].sum() == 40
     assert out["attention_mask"][0].sum() == 4 and (out["input_ids"][0, 4:] == 0).all()  # minilm pads with 0
@@ -323,10 +323,12 @@ def test_tokenize_pads_to_longest_and_truncates():
 
 # --------------------------------------------------------------------------------------------- save / load / shrink
 def test_config_json_round_trip_and_presets(tmp_path):
-    for name in ("base", "tiny", "test"):
+    for name in ("base", "minilm2-vit128x4", "roberta32x1-vit32x2"):
         config = METERConfig.preset(name)
         assert METERConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
-    config = METERConfig.tiny(max_text_len=32)
+    with pytest.warns(DeprecationWarning, match="'tiny' is deprecated: use 'minilm2-vit128x4'"):
+        assert METERConfig.preset("tiny") == METERConfig.preset("minilm2-vit128x4")  # the name before sizes
+    config = METERConfig.preset("minilm2-vit128x4", max_text_len=32)
     config.save(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["family"] == "meter"
     assert METERConfig.load(tmp_path) == config
@@ -397,7 +399,7 @@ def test_building_from_openai_clip_weights(tmp_path):
     visual["visual.positional_embedding"] = torch.randn(3 * 3 + 1, 32)  # CLIP at 24 px -> METER at 32
     visual.update({"visual.proj": torch.randn(32, 16), "token_embedding.weight": torch.randn(10, 16)})
     torch.save(visual, tmp_path / "ViT-tiny.pt")
-    model = create_meter(preset="test", clip_checkpoint=str(tmp_path / "ViT-tiny.pt"))
+    model = create_meter(preset="roberta32x1-vit32x2", clip_checkpoint=str(tmp_path / "ViT-tiny.pt"))
     mine = model.vit_model.visual.state_dict()
     assert torch.equal(mine["transformer.resblocks.1.mlp.c_fc.weight"], visual["visual.transformer.resblocks.1.mlp.c_fc.weight"])
     assert torch.equal(mine["conv1.weight"], visual["visual.conv1.weight"])

@@ -8,7 +8,7 @@ from dcd import cli, teacher_training
 from dcd.data import build_synthetic, load_karpathy
 from dcd.pipeline import DistillSettings, build_dual, equal_time_dual, load_teacher
 from teachers import as_teacher
-from teachers.meter import meter_test
+from teachers.meter import meter_preset
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +28,11 @@ def test_teacher_finetuning_trains_and_is_reused(fixture_json, tmp_path, monkeyp
     for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), name
     assert info2 == info
+    # a teacher cached when its preset had the old name ("test") is still reused: only the name changed
+    recipe_path = teacher_training.teacher_dir("meter", train) / "recipe.json"
+    recipe_path.write_text(recipe_path.read_text().replace('"roberta32x1-vit32x2"', '"test"'))
+    _, info_renamed = teacher_training.embedded_teacher("meter", train, progress=False)
+    assert info_renamed == info and '"roberta32x1-vit32x2"' in recipe_path.read_text()
     # a changed recipe is not served the old teacher: it retrains from scratch
     monkeypatch.setitem(teacher_training.EMBEDDED_TEACHERS, "meter",
                         {**teacher_training.EMBEDDED_TEACHERS["meter"], "max_steps": 2})
@@ -40,7 +45,7 @@ def test_teacher_finetuning_trains_and_is_reused(fixture_json, tmp_path, monkeyp
 @pytest.mark.slow
 def test_distill_end_to_end_on_a_fixture_with_a_checkpoint(fixture_json, tmp_path, capsys):
     teacher_dir = tmp_path / "teacher"
-    meter_test().save_pretrained(teacher_dir)
+    meter_preset("roberta32x1-vit32x2").save_pretrained(teacher_dir)
     out = tmp_path / "run"
     cli.main(["distill", "--teacher", "meter", "--teacher-checkpoint", str(teacher_dir), "--data", str(fixture_json),
               "--eval-split", "test", "--out", str(out), "--max-steps", "2", "--batch-size", "8", "--epochs", "1",
@@ -119,7 +124,7 @@ def test_cli_student_option_is_not_taken_for_student_checkpoint(capsys):
         cli.build_parser().parse_args(["distill", "--student-check", "x"])
     assert "unrecognized arguments: --student-check" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--student 'nope' is not a registered student"):
-        build_dual(DistillSettings(student="nope"), as_teacher(meter_test()))
+        build_dual(DistillSettings(student="nope"), as_teacher(meter_preset("roberta32x1-vit32x2")))
 
 
 def test_embedded_and_reference_method_defaults():

@@ -169,7 +169,7 @@ def test_small_dual_is_smaller_than_the_embedded_teacher_in_every_tower():
     from teachers.meter import METER, METERConfig
 
     small = create_student(students.SMALL_DUAL, pretrained=False)
-    teacher = METER(METERConfig.tiny())
+    teacher = METER(METERConfig.preset("minilm2-vit128x4"))
     assert len(small.visual.model.blocks) < teacher.config.vision_layers
     assert small.visual.width <= teacher.config.vision_width
     assert small.config.text_layers < teacher.config.text_config["num_hidden_layers"]
@@ -337,10 +337,10 @@ def test_fusion_refuses_non_cross_encoders(dual):
 # ============================================================================================ METER teacher
 @pytest.fixture(scope="module")
 def meter_teacher():
-    from teachers.meter import meter_test
+    from teachers.meter import meter_preset
 
     torch.manual_seed(11)
-    return Teacher(meter_test())  # 3 co-attention layers per stream, 32 px, 32 wide
+    return Teacher(meter_preset("roberta32x1-vit32x2"))  # 3 co-attention layers per stream, 32 px, 32 wide
 
 
 def _meter_inputs(teacher, n=3):

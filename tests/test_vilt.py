@@ -7,11 +7,10 @@ from transformers import ViltForImageAndTextRetrieval, ViltModel
 import students
 import teachers
 from teachers.meter_checkpoint import CheckpointError
-from teachers.vilt import (PRESETS, ViLT, convert_original_state_dict, original_state_dict, vilt_base, vilt_test,
-                           vilt_tiny)
+from teachers.vilt import (PRESETS, ViLT, convert_original_state_dict, original_state_dict, vilt_preset)
 
 CAPTIONS = ["a red circle left of a blue square", "a small green triangle", "two shapes"]
-TEST_SHAPES = {k: v for k, v in PRESETS["test"].items() if k == "num_attention_heads"}  # not in the tensor shapes
+TEST_SHAPES = {k: v for k, v in PRESETS["vit32x2"].items() if k == "num_attention_heads"}  # not in the tensor shapes
 
 
 def _spread(model, scale=0.3, seed=0):
@@ -78,7 +77,7 @@ def _to_original(hf_state):
 
 def test_save_pretrained_dir_loads_and_matches_hf_directly(tmp_path):
     torch.manual_seed(0)
-    hf = _spread(ViltForImageAndTextRetrieval(vilt_test().config)).eval()
+    hf = _spread(ViltForImageAndTextRetrieval(vilt_preset("vit32x2").config)).eval()
     hf.save_pretrained(tmp_path / "vilt")
     teacher = teachers.create_teacher("vilt", checkpoint=tmp_path / "vilt")
     assert isinstance(teacher.model, ViLT) and teacher.family == "vilt"
@@ -89,7 +88,7 @@ def test_save_pretrained_dir_loads_and_matches_hf_directly(tmp_path):
         assert torch.allclose(teacher.score_pairs(images, texts), direct, atol=1e-5)
         assert torch.allclose(teacher.model.score_pairs_naive(images, texts), direct, atol=1e-5)
     # a hub-format directory without the rank head (an MLM / base checkpoint) is refused, naming the key
-    ViltModel(vilt_test().config).save_pretrained(tmp_path / "base_only")
+    ViltModel(vilt_preset("vit32x2").config).save_pretrained(tmp_path / "base_only")
     with pytest.raises(CheckpointError, match="rank_output.weight"):
         teachers.create_teacher("vilt", checkpoint=tmp_path / "base_only")
     with pytest.raises(FileNotFoundError):
@@ -97,7 +96,7 @@ def test_save_pretrained_dir_loads_and_matches_hf_directly(tmp_path):
 
 
 def test_block_scoring_equals_per_pair_scoring():
-    model = _spread(vilt_test()).eval()
+    model = _spread(vilt_preset("vit32x2")).eval()
     model.pair_chunk = 4  # several chunks, one of them partial
     hf = model.hf
     images, texts = _mixed_images(), model.tokenize(CAPTIONS)
@@ -115,19 +114,19 @@ def test_block_scoring_equals_per_pair_scoring():
 
 
 def test_patch_choice_is_deterministic_and_leaves_the_rng_alone():
-    model = _spread(vilt_test(max_image_length=3)).eval()  # 2 x 3 patches, keep 3: a fixed, evenly spaced subset
+    model = _spread(vilt_preset("vit32x2", max_image_length=3)).eval()  # 2 x 3 patches, keep 3: a fixed, evenly spaced subset
     images = _mixed_images()
     state = torch.random.get_rng_state()
     first, second = model.encode_images(images), model.encode_images(images)
     assert torch.equal(torch.random.get_rng_state(), state)
     assert first["tokens"].shape[1] == 4 and torch.equal(first["tokens"], second["tokens"])
     assert first["mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1]]
-    full = vilt_test().eval().encode_images(images)  # max_image_length=-1: every valid patch (6, 4, 3)
+    full = vilt_preset("vit32x2").eval().encode_images(images)  # max_image_length=-1: every valid patch (6, 4, 3)
     assert full["mask"].sum(1).tolist() == [7, 5, 4]
 
 
 def test_original_lightning_checkpoint_loads_with_key_map(tmp_path):
-    model = _spread(vilt_test()).eval()
+    model = _spread(vilt_preset("vit32x2")).eval()
     original = _to_original(model.hf.state_dict())
     ours = original_state_dict(model.hf.state_dict())
     assert set(ours) == set(original) - {"itm_score.fc.weight", "text_embeddings.position_ids"}
@@ -137,7 +136,7 @@ def test_original_lightning_checkpoint_loads_with_key_map(tmp_path):
     loaded = teachers.create_model("vilt", checkpoint=tmp_path / "vilt_irtr_test.ckpt").eval()
     for field in ("image_size", "patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                   "intermediate_size"):
-        assert getattr(loaded.config, field) == PRESETS["test"][field], field
+        assert getattr(loaded.config, field) == PRESETS["vit32x2"][field], field
     converted, unmapped = convert_original_state_dict(original)
     assert not unmapped and "vilt.encoder.layer.1.attention.attention.value.bias" in converted
     assert set(converted) == set(model.hf.state_dict()) - {"vilt.embeddings.text_embeddings.position_ids"}
@@ -167,7 +166,7 @@ def test_official_preprocessing_on_real_jpegs(tmp_path):
     Image.new("RGB", (500, 300), (255, 0, 0)).save(tmp_path / "wide.jpg")
     Image.new("RGB", (300, 1200), (0, 0, 255)).save(tmp_path / "tall.jpg")
     Image.new("L", (64, 64), 128).save(tmp_path / "grey.jpg")
-    model = vilt_base()
+    model = vilt_preset("base")
     transform = model.image_transform(train=False)
     wide = transform(Image.open(tmp_path / "wide.jpg"))
     # official MinMaxResize: 300x500 -> 384x640, longer side capped at 639 -> 383x639, floored to 32: 352x608
@@ -180,18 +179,18 @@ def test_official_preprocessing_on_real_jpegs(tmp_path):
     assert batch["pixel_values"].shape == (2, 3, max(352, tall.shape[1]), max(608, tall.shape[2]))
     assert batch["pixel_mask"][0].sum() == 352 * 608
 
-    tiny = vilt_tiny()
+    tiny = vilt_preset("vit128x4")
     grey = tiny.image_transform(train=True)(Image.open(tmp_path / "grey.jpg"))
     assert grey.shape == (3, 64, 64)  # the synthetic data set's 64 px JPEGs keep their size
 
-    enc = vilt_test().tokenize(["word " * 100, "a cat"])
+    enc = vilt_preset("vit32x2").tokenize(["word " * 100, "a cat"])
     assert enc["input_ids"].shape == (2, 40) and enc["input_ids"][0, 0] == 101 and enc["input_ids"][0, -1] == 102
     assert set(enc) == {"input_ids", "attention_mask", "token_type_ids"} and not enc["token_type_ids"].any()
     assert enc["attention_mask"][1].sum() == 4  # [CLS] a cat [SEP], padded per batch
 
 
 def test_teacher_frozen_and_bit_identical_after_fusion_student_training():
-    teacher = teachers.create_teacher("vilt", preset="test")
+    teacher = teachers.create_teacher("vilt", preset="vit32x2")
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     assert all(not p.requires_grad for p in teacher.parameters())
     teacher.train()
@@ -215,7 +214,7 @@ def test_teacher_frozen_and_bit_identical_after_fusion_student_training():
 
 
 def test_shrink_and_save_round_trip(tmp_path):
-    model = _spread(vilt_tiny(num_hidden_layers=3, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+    model = _spread(vilt_preset("vit128x4", num_hidden_layers=3, hidden_size=32, num_attention_heads=2, intermediate_size=64,
                               image_size=32)).eval()
     small = model.shrink([0, 2])
     assert small.num_fusion_layers == 2 and small.config.num_hidden_layers == 2 and model.num_fusion_layers == 3
@@ -238,7 +237,7 @@ def test_shrink_and_save_round_trip(tmp_path):
 
 
 def test_raw_hf_model_is_wrapped_by_its_hook():
-    hf = ViltForImageAndTextRetrieval(vilt_test().config)
+    hf = ViltForImageAndTextRetrieval(vilt_preset("vit32x2").config)
     teacher = teachers.as_teacher(hf)
     assert teacher.family == "vilt" and isinstance(teacher.model, ViLT) and teacher.model.hf is hf
     assert not any(p.requires_grad for p in hf.parameters())
@@ -246,7 +245,7 @@ def test_raw_hf_model_is_wrapped_by_its_hook():
 
 def test_unimodal_summary_ignores_padding_and_trains_the_shared_layers():
     """The embedded teacher's contrastive warm-up runs each modality alone through ViLT's layers."""
-    model = _spread(vilt_test()).eval()
+    model = _spread(vilt_preset("vit32x2")).eval()
     texts = model.encode_texts(model.tokenize(["a red circle left of a blue square", "a cat"]))
     alone = model.encode_texts(model.tokenize(["a cat"]))
     together = model.unimodal_summary(texts)

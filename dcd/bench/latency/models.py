@@ -38,7 +38,7 @@ DUAL_BASE_CONFIG = dict(
 
 def build_models(family: str, settings: Settings, teacher_checkpoint: Optional[str],
                  student_checkpoints: Dict[str, Path]) -> Models:
-    """The teacher (base preset, --quick: tiny preset, or --teacher-checkpoint), its fusion student and a dual student.
+    """The teacher (base preset, --quick: the embedded teacher's preset, or --teacher-checkpoint), its fusion student and a dual student.
 
     Every model comes through the registries and the teacher interface (:mod:`teachers.base`): no teacher
     family is named here, so a registered third family is benchmarked like METER and ViLT.
@@ -47,7 +47,9 @@ def build_models(family: str, settings: Settings, teacher_checkpoint: Optional[s
     import teachers
     from students import DualEncoder, DualEncoderConfig, FusionStudent
 
-    size = "tiny" if settings.quick else "base"
+    from dcd.teacher_training import EMBEDDED_TEACHERS  # --quick: the embedded teacher's size
+
+    size = EMBEDDED_TEACHERS.get(family, {}).get("preset", "base") if settings.quick else "base"
     notes: Dict[str, str] = {}
     if teacher_checkpoint:
         teacher = load_teacher(family, teacher_checkpoint)
