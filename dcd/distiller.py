@@ -27,6 +27,7 @@ Batches are those of :func:`dcd.data.collate_train` with models ``{"teacher": ..
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -41,6 +42,8 @@ from . import candidates as cands
 from .hard_negatives import gather, select_hard
 from .losses import DISTILL_LOSSES, SELF_LOSSES, contrastive_loss, distill_loss, self_loss
 from .weighting import AlphaSchedule, dynamic_weights, uniform_weights
+
+log = logging.getLogger(__name__)
 
 __all__ = ["DCDConfig", "Distiller", "wrap"]
 
@@ -346,7 +349,12 @@ class Distiller(nn.Module):
         grouping = NeighbourGrouping(split, group_size) if group_size > 1 else None
         trainer = Trainer(self, TrainPairs(split, self.transforms()), self.collate(), config, Path(out_dir), evaluate,
                           grouping=grouping)
-        if self.config.alpha_schedule != "constant" and self.config.total_steps is None:
+        # the schedule spans the loop that runs it: a length worked out beforehand (the recipe's, from the
+        # data size) misses what only the trainer knows, e.g. each of N torchrun ranks takes 1/N of the steps
+        if self.config.alpha_schedule != "constant" and self.config.total_steps != trainer.total_steps:
+            if self.config.total_steps is not None:
+                log.info("alpha schedule: %d training steps, not the %d given", trainer.total_steps,
+                         self.config.total_steps)
             self.config.total_steps = trainer.total_steps
         return trainer.fit(resume=resume)
 

@@ -208,7 +208,10 @@ def parse_overrides(items: Optional[Iterable[str]], option: str = "--teacher-con
 
 
 def training_steps(budget: Budget, num_pairs: int) -> int:
-    """Optimiser steps of one student: whole batches per epoch times epochs, capped by ``max_steps``."""
+    """Optimiser steps of one student: whole batches per epoch times epochs, capped by ``max_steps``.
+
+    What the recipe prints and records; at run time the trainer's own count wins (:meth:`Distiller.fit`),
+    since only it knows the ranks of a torchrun job and the batches neighbour grouping leaves whole."""
     steps = budget.epochs * (num_pairs // budget.batch_size)
     return steps if budget.max_steps is None else min(steps, budget.max_steps)
 

@@ -185,6 +185,19 @@ def test_alpha_schedule_trains_end_to_end(data_json, tmp_path, schedule):
     assert summary["dcd"]["alpha_schedule"] == schedule
 
 
+def test_alpha_schedule_spans_the_steps_the_trainer_runs(splits, tmp_path):
+    """A schedule length given beforehand (the recipe's, from the data size) yields to the loop's own: under
+    torchrun each rank runs 1/N of the steps, and alpha must still reach its end value."""
+    train = splits["train"]
+    distiller = dcd.wrap(meter_preset("roberta32x1-vit32x2"), students.dual_test(pretrained=False), captions=train.captions,
+                         caption_image=train.caption_image_tensor(), num_negatives=4, num_hard=2, alpha=0.6,
+                         alpha_end=0.0, alpha_schedule="linear", total_steps=1000)
+    distiller.fit(train, tmp_path / "run", max_steps=3, batch_size=4, epochs=1, progress=False, log_every=1)
+    assert distiller.config.total_steps == 3
+    alphas = [json.loads(line)["alpha"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert alphas == pytest.approx([0.6, 0.4, 0.2])  # 1000 steps would have left it at 0.6, 0.5994, 0.5988
+
+
 # ------------------------------------------------------------------------------------------ stage identity
 def test_stage_identity_retrains_on_every_setting_that_changes_the_student(data_json, splits, tmp_path):
     teacher = as_teacher(meter_preset("roberta32x1-vit32x2"))
