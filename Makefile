@@ -40,10 +40,18 @@ distill: install
 
 # the compression experiment: every ablation row over SEEDS -> benchmarks/results/compression.{json,md,png}.
 # 8 epochs: where the embedded students' val RSUM stops rising (about 30 min per student on one CPU core)
+# TEACHER_CONFIG="max_steps=3200 epochs=16": the embedded teacher trained with those overrides (its own folder,
+# its own sweep folder); RESULTS: where the JSON goes (the .md and .png beside it)
 ABLATION_EPOCHS ?= 8
+TEACHER_CONFIG  ?=
+RESULTS         ?= benchmarks/results/compression.json
+empty :=
+space := $(empty) $(empty)
+ABLATION_OUT = runs/ablations-$(TEACHER)-$(ABLATION_EPOCHS)ep$(if $(strip $(TEACHER_CONFIG)),-$(subst =,,$(subst $(space),-,$(strip $(TEACHER_CONFIG)))))
 ablations: install
 	$(BIN)/dcd ablations --teacher $(TEACHER) --data $(DATA) --device $(DEVICE) --seeds $(SEEDS) \
-		--epochs $(ABLATION_EPOCHS) --out runs/ablations-$(TEACHER)-$(ABLATION_EPOCHS)ep \
+		--epochs $(ABLATION_EPOCHS) --out $(ABLATION_OUT) --results $(RESULTS) \
+		$(foreach kv,$(TEACHER_CONFIG),--teacher-config $(kv)) \
 		$(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(if $(TEACHER_CKPT),--teacher-checkpoint $(TEACHER_CKPT)) $(ARGS)
 
 teacher: install
