@@ -30,7 +30,7 @@ from teachers.files import write_text
 from . import retrieval
 from .pipeline import (DistillSettings, build_dual, count_parameters, load_data, load_teacher, student_identity,
                        teacher_score_cache, train_student)
-from .score_matrices import cached_score_matrix
+from .score_matrices import cached_score_matrix, stored_score_info
 from .trainer import is_main_process
 
 log = logging.getLogger(__name__)
@@ -116,8 +116,10 @@ def run_ablations(settings: DistillSettings, seeds: Sequence[int] = (0, 1, 2),
     # the teacher last: its exhaustive scores take longest and are cached for every later sweep
     score_dir = Path(teacher_info.get("path", root / "teacher")).parent / "scores"
     _, teacher_eval = cached_score_matrix(teacher, splits["eval"], score_dir, settings.device, settings.progress)
-    records.insert(0, _record(settings.teacher, "teacher", "teacher", None, count_parameters(teacher_model), None,
-                              teacher_eval["metrics"], eval_seconds=teacher_eval["elapsed_s"]))
+    teacher_val = stored_score_info(teacher, splits["val"], score_dir)  # `dcd teacher` stores it; never computed here
+    records.insert(0, _record(settings.teacher, "teacher", "teacher", None, count_parameters(teacher_model),
+                              teacher_val["metrics"] if teacher_val else None, teacher_eval["metrics"],
+                              eval_seconds=teacher_eval["elapsed_s"]))
     if is_main_process():
         results_json = Path(results_json or root / "compression.json")
         write_results(records, results_json)

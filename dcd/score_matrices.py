@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -30,7 +30,8 @@ from .score_cache import teacher_fingerprint
 
 log = logging.getLogger(__name__)
 
-__all__ = ["cached_score_matrix", "metrics_from_matrix", "plateau_k", "rerank_curve", "rerank_with_matrix"]
+__all__ = ["cached_score_matrix", "metrics_from_matrix", "plateau_k", "rerank_curve", "rerank_with_matrix",
+           "stored_score_info"]
 
 
 def _header(model: Scorer, split) -> Dict[str, Any]:
@@ -79,6 +80,16 @@ def cached_score_matrix(model: Scorer, split, directory: str | Path, device: str
     save_array(matrix_path, scores.float().numpy())
     write_json(info_path, info, indent=1, sort_keys=False, newline=False)
     return scores, info
+
+
+def stored_score_info(model: Scorer, split, directory: str | Path) -> Optional[Dict[str, Any]]:
+    """The ``info`` :func:`cached_score_matrix` stored for ``model`` on ``split`` (metrics, time), or ``None``
+    when none was stored for this model and split: a report reads it and never starts a long exhaustive pass."""
+    info_path = Path(directory) / f"{split.name}.json"
+    if not info_path.is_file():
+        return None
+    info = json.loads(info_path.read_text())
+    return info if info.get("header") == _header(model, split) else None
 
 
 def rerank_with_matrix(first_stage: Tensor, second_stage: Tensor, split, k: int) -> Dict[str, float]:

@@ -300,6 +300,7 @@ def test_ablation_runner_records_every_row_and_resumes(data_json, tmp_path):
     assert stored == records
     teacher_rows = [r for r in stored if r["method"] == "teacher"]
     assert len(teacher_rows) == 1 and "test_rsum" in teacher_rows[0]
+    assert "val_rsum" not in teacher_rows[0]  # a sweep never starts the teacher's exhaustive val pass itself
     rows = [r for r in stored if r["method"] != "teacher"]
     assert sorted((r["method"], r["seed"]) for r in rows) == sorted((m, s) for m in methods for s in (0, 1))
     for r in rows:
@@ -319,12 +320,21 @@ def test_ablation_runner_records_every_row_and_resumes(data_json, tmp_path):
     partial = ablations.run_ablations(settings, seeds=(0, 1, 2), methods=methods, kinds=("dual",), out=out,
                                       results_json=results, train_missing=False)
     assert partial == records and not (out / "records" / "dual-dcd-seed2.json").exists()
+    # ... and shows the teacher's val figures once they are stored beside its test scores (`dcd teacher` does that)
+    import teachers
+    from dcd.score_matrices import cached_score_matrix
+
+    _, val_info = cached_score_matrix(as_teacher(teachers.create_model("meter", checkpoint=teacher_dir)),
+                                      load_karpathy(data_json, split="val"), out / "scores", progress=False)
+    with_val = ablations.run_ablations(settings, seeds=(0, 1), methods=methods, kinds=("dual",), out=out,
+                                       results_json=results, train_missing=False)
+    assert with_val[0]["val_rsum"] == round(val_info["metrics"]["rsum"], 2) and with_val[1:] == records[1:]
     # ... even when its settings differ from the records' (a sweep run with other budgets): it reports them as they are
     from dataclasses import replace
 
     other = ablations.run_ablations(replace(settings, lr=0.5), seeds=(0, 1), methods=methods, kinds=("dual",), out=out,
                                     results_json=results, train_missing=False)
-    assert other == records and mtimes == {p: p.stat().st_mtime_ns for p in (out / "records").iterdir()}
+    assert other[1:] == records[1:] and mtimes == {p: p.stat().st_mtime_ns for p in (out / "records").iterdir()}
     with pytest.raises(ValueError, match="unknown method"):
         ablations.run_ablations(settings, methods=["dcd_magic"], out=out)
 
