@@ -44,10 +44,12 @@ distill: install
 # its own sweep folder); RESULTS: where the JSON goes (the .md and .png beside it)
 ABLATION_EPOCHS ?= 8
 TEACHER_CONFIG  ?=
-RESULTS         ?= benchmarks/results/compression.json
 empty :=
 space := $(empty) $(empty)
-ABLATION_OUT = runs/ablations-$(TEACHER)-$(ABLATION_EPOCHS)ep$(if $(strip $(TEACHER_CONFIG)),-$(subst =,,$(subst $(space),-,$(strip $(TEACHER_CONFIG)))))
+# "max_steps=3200 epochs=16" -> "-max_steps3200-epochs16": names the sweep folder and the default results file
+CONFIG_TAG   = $(if $(strip $(TEACHER_CONFIG)),-$(subst /,_,$(subst =,,$(subst $(space),-,$(strip $(TEACHER_CONFIG))))))
+RESULTS     ?= benchmarks/results/compression$(CONFIG_TAG).json
+ABLATION_OUT = runs/ablations-$(TEACHER)-$(ABLATION_EPOCHS)ep$(CONFIG_TAG)
 ablations: install
 	$(BIN)/dcd ablations --teacher $(TEACHER) --data $(DATA) --device $(DEVICE) --seeds $(SEEDS) \
 		--epochs $(ABLATION_EPOCHS) --out $(ABLATION_OUT) --results $(RESULTS) \

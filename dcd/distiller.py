@@ -191,7 +191,8 @@ class Distiller(nn.Module):
         return self
 
     def alpha(self) -> float:
-        """This step's alpha; a schedule runs over ``total_steps`` (set by :meth:`fit`, or given)."""
+        """This step's alpha; a schedule runs over ``total_steps`` forward passes (given to :func:`wrap` for a
+        loop of your own; :meth:`fit` sets it to the passes its trainer runs)."""
         if self.alpha_schedule.kind == "constant":
             return self.alpha_schedule.start
         if not self.config.total_steps:
@@ -351,11 +352,12 @@ class Distiller(nn.Module):
                           grouping=grouping)
         # the schedule spans the loop that runs it: a length worked out beforehand (the recipe's, from the
         # data size) misses what only the trainer knows, e.g. each of N torchrun ranks takes 1/N of the steps
-        if self.config.alpha_schedule != "constant" and self.config.total_steps != trainer.total_steps:
+        # (its clock, ``self.step``, counts forward passes: grad_accum of them per optimiser step)
+        passes = trainer.total_steps * trainer.config.grad_accum
+        if self.config.alpha_schedule != "constant" and self.config.total_steps != passes:
             if self.config.total_steps is not None:
-                log.info("alpha schedule: %d training steps, not the %d given", trainer.total_steps,
-                         self.config.total_steps)
-            self.config.total_steps = trainer.total_steps
+                log.info("alpha schedule: %d training passes, not the %d given", passes, self.config.total_steps)
+            self.config.total_steps = passes
         return trainer.fit(resume=resume)
 
 

@@ -157,24 +157,32 @@ def teacher_dir(family: str, train: CaptionSplit, overrides: Optional[Dict[str, 
     return dcd_home() / "teachers" / f"{family}-{source.parent.name}{suffix}"
 
 
-def _rename_stored_preset(directory: Path, family: str, recipe: Dict[str, Any]) -> None:
+def rename_stored_preset(directory: Path, family: str, recipe: Dict[str, Any]) -> None:
     """A teacher trained when its preset had an older name ("tiny") keeps its identity under the new one.
 
-    The stored ``recipe.json`` is rewritten when it differs from ``recipe`` only by a deprecated preset
-    name that resolves to ``recipe["preset"]``; without this, renaming a preset would retrain every
-    cached teacher (hours on CPU) for weights that are the same.
+    The stored ``recipe.json`` (and the preset named in ``teacher.json``) is rewritten when it differs from
+    ``recipe`` only by a deprecated preset name that resolves to ``recipe["preset"]``; without this,
+    renaming a preset would retrain every cached teacher (hours on CPU) for weights that are the same.
+    Every rank of a torchrun job calls it: the main one rewrites, the others wait for that before they
+    read the file (a rank that read the old name would retrain while the main one reuses).
     """
     path = directory / RECIPE_NAME
-    if not path.is_file() or not is_main_process():
-        return
-    stored = json.loads(path.read_text())
+    stored = json.loads(path.read_text()) if path.is_file() else None
     old = stored.get("preset") if isinstance(stored, dict) else None
     presets = getattr(teachers.TEACHERS.get(family), "presets", None)
-    if old is None or old == recipe["preset"] or presets is None or presets.aliases().get(old) != recipe["preset"]:
-        return
-    if {**stored, "preset": recipe["preset"]} == json.loads(json.dumps(recipe)):
+    renamed = (old is not None and old != recipe["preset"] and presets is not None
+               and presets.aliases().get(old) == recipe["preset"]
+               and {**stored, "preset": recipe["preset"]} == json.loads(json.dumps(recipe)))
+    if renamed and is_main_process():
         log.info("teacher: %s names preset %r by its old name; now %r", path, old, recipe["preset"])
         write_json(path, {**stored, "preset": recipe["preset"]}, indent=1, sort_keys=False, newline=False)
+        info_path = directory / "teacher.json"
+        if info_path.is_file():
+            info = json.loads(info_path.read_text())
+            if info.get("preset") == old:
+                write_text(info_path, json.dumps({**info, "preset": recipe["preset"]}, indent=1))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 def embedded_teacher(family: str, train: CaptionSplit, device: str = "cpu", progress: bool = True,
@@ -196,7 +204,7 @@ def embedded_teacher(family: str, train: CaptionSplit, device: str = "cpu", prog
         recipe = {**recipe, **training, "overrides": {**recipe["overrides"], **model}}
     directory = teacher_dir(family, train, overrides)
     weights, info_path = directory / "model", directory / "teacher.json"
-    _rename_stored_preset(directory, family, recipe)
+    rename_stored_preset(directory, family, recipe)
     # a teacher trained (or half-trained) by another recipe is cleared, never reused or resumed
     if claim_run_dir(directory, recipe, is_main_process()) and info_path.is_file():
         log.info("teacher: reusing %s", weights)

@@ -109,8 +109,8 @@ def _param_groups(params: List[nn.Parameter], names: List[str], weight_decay: fl
 
 
 def seconds_trained(history: List[Dict[str, Any]], default: float) -> float:
-    """Training wall time of a run from its :meth:`Trainer.fit` history (summed over resumes); ``default``
-    when the history logged no step (a run that found its last checkpoint already at the end)."""
+    """Training wall time of a run from its :meth:`Trainer.fit` history (summed over resumes; a run that
+    found its last checkpoint at the end reports the checkpoint's); ``default`` for a history without times."""
     return round(max((r["elapsed_s"] for r in history if "elapsed_s" in r), default=default), 1)
 
 
@@ -317,6 +317,8 @@ class Trainer:
                 self.save()
         bar.close()
         self._elapsed_before, self._started = self.elapsed_s, None
+        if not any("elapsed_s" in r for r in self.history):  # resumed at its end: what the checkpoint says
+            self.history.append({"step": self.global_step, "elapsed_s": round(self._elapsed_before, 2)})
         if dist.is_initialized():
             dist.barrier()
         return self.history

@@ -196,6 +196,9 @@ def test_alpha_schedule_spans_the_steps_the_trainer_runs(splits, tmp_path):
     assert distiller.config.total_steps == 3
     alphas = [json.loads(line)["alpha"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert alphas == pytest.approx([0.6, 0.4, 0.2])  # 1000 steps would have left it at 0.6, 0.5994, 0.5988
+    # with gradient accumulation the schedule's clock (forward passes) runs grad_accum times per step
+    distiller.fit(train, tmp_path / "accum", max_steps=2, batch_size=2, grad_accum=2, epochs=1, progress=False)
+    assert distiller.config.total_steps == 4
 
 
 # ------------------------------------------------------------------------------------------ stage identity
@@ -334,7 +337,7 @@ def test_ablation_runner_records_every_row_and_resumes(data_json, tmp_path):
 
     other = ablations.run_ablations(replace(settings, lr=0.5), seeds=(0, 1), methods=methods, kinds=("dual",), out=out,
                                     results_json=results, train_missing=False)
-    assert other[1:] == records[1:] and mtimes == {p: p.stat().st_mtime_ns for p in (out / "records").iterdir()}
+    assert other == with_val and mtimes == {p: p.stat().st_mtime_ns for p in (out / "records").iterdir()}
     with pytest.raises(ValueError, match="unknown method"):
         ablations.run_ablations(settings, methods=["dcd_magic"], out=out)
 

@@ -1,5 +1,5 @@
 """METER teacher: cached scoring == the naive full forward, official checkpoint format, preprocessing,
-save/load, shrink. Tiny random models (``meter_preset`` preset: 32 px, width 32) so the file runs in seconds."""
+save/load, shrink. Tiny random models (preset ``roberta32x1-vit32x2``: 32 px, width 32) so the file runs in seconds."""
 import json
 import math
 

@@ -101,6 +101,10 @@ def test_training_time_is_summed_over_resumes(tmp_path, monkeypatch):
     assert steps[0] > spent_first and steps == sorted(steps)  # continues from the first run's time
     assert seconds_trained(history, default=0.0) == round(steps[-1], 1)
     assert seconds_trained([], default=12.34) == 12.3
+    # resumed once more with nothing left to train (killed while saving the result): the checkpoint's time
+    spent = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["elapsed_s"]
+    third = _trainer(tmp_path / "run")
+    assert spent > 0 and spent <= seconds_trained(third.fit(resume=True), default=0.0) <= spent + 3  # + a tick or two
 
 
 def test_sampler_order_is_seeded_sharded_and_resumable():

@@ -257,3 +257,10 @@ def test_unimodal_summary_ignores_padding_and_trains_the_shared_layers():
     model.unimodal_summary(images).pow(2).sum().backward()
     grad = model.hf.vilt.encoder.layer[0].attention.attention.query.weight.grad
     assert grad is not None and grad.abs().sum() > 0
+
+
+def test_presets_are_named_by_size_and_the_old_names_still_resolve():
+    assert {"base", "vit128x4", "vit32x2"} <= set(PRESETS.list())
+    for old, new in (("tiny", "vit128x4"), ("test", "vit32x2")):
+        with pytest.warns(DeprecationWarning, match=f"'{old}' is deprecated: use '{new}'"):
+            assert PRESETS[old] == PRESETS[new]

@@ -172,12 +172,13 @@ def _require_embedded_teacher(family: str, data: str, data_root: Optional[str]) 
     """Search never trains a teacher: the embedded one must be there already, made by the current recipe."""
     from ..checkpoint import RECIPE_NAME
     from ..data import load_split
-    from ..teacher_training import EMBEDDED_TEACHERS, teacher_dir
+    from ..teacher_training import EMBEDDED_TEACHERS, rename_stored_preset, teacher_dir
     from .search import SearchError
 
     if family not in EMBEDDED_TEACHERS:
         raise SearchError(f"--teacher {family} has no embedded recipe: pass --teacher-checkpoint")
     directory = teacher_dir(family, load_split(data, data_root, split="train"))
+    rename_stored_preset(directory, family, EMBEDDED_TEACHERS[family])  # cached under a preset's old name
     recipe = directory / RECIPE_NAME
     trained = (directory / "teacher.json").is_file() and recipe.is_file() and \
         json.loads(recipe.read_text()) == json.loads(json.dumps(EMBEDDED_TEACHERS[family]))
