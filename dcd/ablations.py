@@ -189,6 +189,9 @@ def summarise(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
                 if values:
                     row[f"{split}_{name}"] = statistics.fmean(values)
                     row[f"{split}_{name}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        seconds = [r["eval_seconds"] for r in group if r.get("eval_seconds") is not None]
+        if seconds:  # the measured cost of scoring the test split (exhaustive, or re-ranking for a fusion row)
+            row["eval_seconds"] = statistics.fmean(seconds)
         rows.append(row)
     return rows
 
@@ -216,11 +219,13 @@ def markdown_table(records: List[Dict[str, Any]]) -> str:
         return f"{row[key]:.1f} ± {row[key + '_std']:.1f}" if row["seeds"] > 1 else f"{row[key]:.1f}"
 
     lines = ["| teacher | student | method | params (M) | seeds | val RSUM | test RSUM | test i2t R@1 | "
-             "test t2i R@1 | test binding |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "test t2i R@1 | test binding | test scoring (s) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in summarise(records):
+        seconds = f"{row['eval_seconds']:,.0f}" if "eval_seconds" in row else ""
         lines.append(f"| {row['teacher']} | {row['student']} | {row['method']} | {row['params'] / 1e6:.2f} | "
                      f"{row['seeds']} | {cell(row, 'val_rsum')} | {cell(row, 'test_rsum')} | "
-                     f"{cell(row, 'test_i2t_r1')} | {cell(row, 'test_t2i_r1')} | {cell(row, 'test_binding')} |")
+                     f"{cell(row, 'test_i2t_r1')} | {cell(row, 'test_t2i_r1')} | {cell(row, 'test_binding')} | "
+                     f"{seconds} |")
     pairs = paired_differences(records)
     if pairs:
         lines += ["", "Test RSUM minus the baseline of the same seed:", "",

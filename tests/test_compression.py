@@ -313,6 +313,7 @@ def test_ablation_runner_records_every_row_and_resumes(data_json, tmp_path):
         assert r["student"] == "dual" and r["params"] < teacher_rows[0]["params"]
     table = results.with_suffix(".md").read_text()
     assert "± " in table and "vanilla_kd" in table
+    assert "test scoring (s)" in table and all(r.get("eval_seconds") is not None for r in stored)
     assert results.with_suffix(".png").is_file()
     # a second run trains nothing: every record is reused
     mtimes = {p: p.stat().st_mtime_ns for p in (out / "records").iterdir()}
