@@ -215,11 +215,10 @@ def train_student(name: str, student: Scorer, teacher: Optional[Scorer], setting
     # a dual student validates in a second; a cross-encoder would cost minutes per epoch here
     validate_each_epoch = validate if getattr(student, "family", "") == "dual" else None
 
-    started = time.time()
     history = distiller.fit(train, out, config, evaluate=validate_each_epoch, resume=True, group_size=group_size)
     summary = {  # the stage's identity (recipe.json), then what the run did; "teacher" says whether it had one
         **json.loads(json.dumps(recipe)), "name": name, "teacher": teacher is not None,
-        "train_seconds": seconds_trained(history, time.time() - started), "steps": max([r["step"] for r in history] or [0]),
+        "train_seconds": seconds_trained(history), "steps": max([r["step"] for r in history] or [0]),
     }
     if is_main_process():
         student.save_pretrained(saved)

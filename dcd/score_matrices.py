@@ -60,8 +60,8 @@ def cached_score_matrix(model: Scorer, split, directory: str | Path, device: str
     matrix_path, info_path = directory / f"{split.name}.npy", directory / f"{split.name}.json"
     header = _header(model, split)
     if info_path.is_file() and matrix_path.is_file():
-        info = json.loads(info_path.read_text())
-        if info.get("header") == header:
+        info = _stored_info(info_path, header)
+        if info is not None:
             log.info("scores of %s: reusing %s", split.name, matrix_path)
             return torch.from_numpy(np.load(matrix_path)), info
         log.info("scores of %s: %s was made for another model or split; recomputing", split.name, matrix_path)
@@ -85,11 +85,15 @@ def cached_score_matrix(model: Scorer, split, directory: str | Path, device: str
 def stored_score_info(model: Scorer, split, directory: str | Path) -> Optional[Dict[str, Any]]:
     """The ``info`` :func:`cached_score_matrix` stored for ``model`` on ``split`` (metrics, time), or ``None``
     when none was stored for this model and split: a report reads it and never starts a long exhaustive pass."""
-    info_path = Path(directory) / f"{split.name}.json"
+    return _stored_info(Path(directory) / f"{split.name}.json", _header(model, split))
+
+
+def _stored_info(info_path: Path, header: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The info in ``info_path`` if it was stored under ``header`` (same model and split), else ``None``."""
     if not info_path.is_file():
         return None
     info = json.loads(info_path.read_text())
-    return info if info.get("header") == _header(model, split) else None
+    return info if info.get("header") == header else None
 
 
 def rerank_with_matrix(first_stage: Tensor, second_stage: Tensor, split, k: int) -> Dict[str, float]:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -212,11 +211,10 @@ def embedded_teacher(family: str, train: CaptionSplit, device: str = "cpu", prog
         return model.to(device), json.loads(info_path.read_text())
     torch.manual_seed(0)
     model = teachers.create_model(family, preset=recipe["preset"], **recipe.get("pretrained", {}), **recipe["overrides"])
-    started = time.time()
     history = finetune_teacher(model, train, None, directory / "training", epochs=recipe["epochs"], lr=recipe["lr"],
                      max_steps=recipe["max_steps"], device=device, progress=progress,
                      group_size=recipe.get("group_size", 1))
-    info: Dict[str, Any] = {"family": family, "preset": recipe["preset"], "train_seconds": seconds_trained(history, time.time() - started),
+    info: Dict[str, Any] = {"family": family, "preset": recipe["preset"], "train_seconds": seconds_trained(history),
                             "steps": recipe["max_steps"], "lr": recipe["lr"], "path": str(weights)}
     if evaluate_on is not None:
         info[evaluate_on.name] = retrieval.evaluate(model, evaluate_on, device=device, progress=False)

@@ -108,9 +108,10 @@ def _param_groups(params: List[nn.Parameter], names: List[str], weight_decay: fl
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def seconds_trained(history: List[Dict[str, Any]], default: float) -> float:
-    """Training wall time of a run from its :meth:`Trainer.fit` history (summed over resumes; a run that
-    found its last checkpoint at the end reports the checkpoint's); ``default`` for a history without times."""
+def seconds_trained(history: List[Dict[str, Any]], default: float = 0.0) -> float:
+    """Training wall time of a run from its :meth:`Trainer.fit` history, which always holds one: summed over
+    resumes, the checkpoint's for a run that found its last checkpoint at the end. ``default`` for a history
+    from elsewhere that logged no times."""
     return round(max((r["elapsed_s"] for r in history if "elapsed_s" in r), default=default), 1)
 
 
