@@ -72,6 +72,8 @@ def _distill_options(p: argparse.ArgumentParser) -> None:
                    help="leave candidates the teacher scores above the positive out of the self-learning loss")
     m.add_argument("--alpha", type=float, help="distillation share of the loss (embedded 0.5, reference 0.2)")
     m.add_argument("--temperature", type=float, default=d.temperature, help="KL distillation temperature")
+    m.add_argument("--teacher-temperature", type=float,
+                   help="divides the teacher's logits only: how soft the KL target is (default 1)")
     m.add_argument("--entropy-temperature", type=float,
                    help="T of the teacher distribution whose entropy sets the dynamic weights (embedded 4, reference 1)")
     m.add_argument("--alpha-schedule", default=d.alpha_schedule, choices=("constant", "linear", "cosine"))

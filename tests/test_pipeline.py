@@ -134,4 +134,6 @@ def test_embedded_and_reference_method_defaults():
     chosen = DistillSettings(alpha=0.0, entropy_temperature=1.0).dcd_config()  # an explicit 0 is kept
     assert (chosen.alpha, chosen.entropy_temperature) == (0.0, 1.0)
     args = cli.build_parser().parse_args(["distill", "--alpha", "0.3"])
-    assert args.alpha == 0.3 and args.entropy_temperature is None
+    assert args.alpha == 0.3 and args.entropy_temperature is None and args.teacher_temperature is None
+    args = cli.build_parser().parse_args(["ablations", "--teacher-temperature", "3"])
+    assert DistillSettings(teacher_temperature=args.teacher_temperature).dcd_config().teacher_temperature == 3.0
