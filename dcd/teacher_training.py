@@ -169,17 +169,16 @@ def rename_stored_preset(directory: Path, family: str, recipe: Dict[str, Any]) -
     stored = json.loads(path.read_text()) if path.is_file() else None
     old = stored.get("preset") if isinstance(stored, dict) else None
     presets = getattr(teachers.TEACHERS.get(family), "presets", None)
-    renamed = (old is not None and old != recipe["preset"] and presets is not None
-               and presets.aliases().get(old) == recipe["preset"]
-               and {**stored, "preset": recipe["preset"]} == json.loads(json.dumps(recipe)))
-    if renamed and is_main_process():
+    aliases = presets.aliases() if presets is not None else {}
+    same = old is not None and {**stored, "preset": recipe["preset"]} == json.loads(json.dumps(recipe))
+    if same and old != recipe["preset"] and aliases.get(old) == recipe["preset"] and is_main_process():
         log.info("teacher: %s names preset %r by its old name; now %r", path, old, recipe["preset"])
         write_json(path, {**stored, "preset": recipe["preset"]}, indent=1, sort_keys=False, newline=False)
-        info_path = directory / "teacher.json"
-        if info_path.is_file():
-            info = json.loads(info_path.read_text())
-            if info.get("preset") == old:
-                write_text(info_path, json.dumps({**info, "preset": recipe["preset"]}, indent=1))
+    info_path = directory / "teacher.json"
+    if same and info_path.is_file() and is_main_process():  # also when an earlier version renamed the recipe only
+        info = json.loads(info_path.read_text())
+        if aliases.get(info.get("preset")) == recipe["preset"]:
+            write_text(info_path, json.dumps({**info, "preset": recipe["preset"]}, indent=1))
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
 

@@ -33,6 +33,11 @@ def test_teacher_finetuning_trains_and_is_reused(fixture_json, tmp_path, monkeyp
     recipe_path.write_text(recipe_path.read_text().replace('"roberta32x1-vit32x2"', '"test"'))
     _, info_renamed = teacher_training.embedded_teacher("meter", train, progress=False)
     assert info_renamed == info and '"roberta32x1-vit32x2"' in recipe_path.read_text()
+    # teacher.json left with the old name by an earlier version (recipe.json already renamed) is renamed too
+    info_path = teacher_training.teacher_dir("meter", train) / "teacher.json"
+    info_path.write_text(info_path.read_text().replace('"roberta32x1-vit32x2"', '"test"'))
+    teacher_training.embedded_teacher("meter", train, progress=False)
+    assert json.loads(info_path.read_text())["preset"] == "roberta32x1-vit32x2"
     # a changed recipe is not served the old teacher: it retrains from scratch
     monkeypatch.setitem(teacher_training.EMBEDDED_TEACHERS, "meter",
                         {**teacher_training.EMBEDDED_TEACHERS["meter"], "max_steps": 2})
