@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["METHODS", "EXTRA_METHODS", "FUSION_METHODS", "run_ablations", "summarise", "markdown_table"]
 
-#: method -> the DistillSettings fields it changes from the DCD recipe (``None``: no teacher at all)
+#: method -> the DistillSettings fields it changes from the DCD recipe (``None``, or "use_teacher": False:
+#: trained without the teacher)
 METHODS: Dict[str, Optional[Dict[str, Any]]] = {
     "baseline": None,
     "vanilla_kd": {"selection": "random", "dynamic": False, "alpha_schedule": "constant"},
@@ -47,10 +48,14 @@ METHODS: Dict[str, Optional[Dict[str, Any]]] = {
     "dcd": {},
 }
 #: rows beyond the paper's: DCD's distillation term added to the baseline's own loss (self-learning over
-#: fresh random candidates), and DCD with the teacher's false negatives left out of the self-learning loss
-EXTRA_METHODS: Dict[str, Dict[str, Any]] = {
+#: fresh random candidates); DCD with the teacher's false negatives left out of the self-learning loss; that,
+#: distilling text->image lists too (scored online in the batch; the cache holds image->text only); and the
+#: baseline with the same two-direction self-learning loss, its fair comparison
+EXTRA_METHODS: Dict[str, Optional[Dict[str, Any]]] = {
     "dcd_self_random": {"self_candidates": "random"},
     "dcd_denoised": {"drop_false_negatives": True},
+    "dcd_denoised_t2i": {"drop_false_negatives": True, "directions": ("i2t", "t2i")},
+    "baseline_t2i": {"use_teacher": False, "directions": ("i2t", "t2i")},
 }
 KNOWN_METHODS: Dict[str, Optional[Dict[str, Any]]] = {**METHODS, **EXTRA_METHODS}
 #: the rows trained for the fusion student
@@ -129,9 +134,9 @@ def run_ablations(settings: DistillSettings, seeds: Sequence[int] = (0, 1, 2),
 
 def _one_run(kind: str, method: str, seed: int, settings: DistillSettings, splits, teacher, teacher_model, cache,
              root: Path) -> Dict[str, Any]:
-    overrides = KNOWN_METHODS[method]
-    run_settings = replace(settings, seed=seed, **(overrides or {}))
-    use_teacher = overrides is not None
+    overrides = dict(KNOWN_METHODS[method] or {"use_teacher": False})
+    use_teacher = overrides.pop("use_teacher", True)
+    run_settings = replace(settings, seed=seed, **overrides)
     student = _build_student(kind, run_settings, teacher, teacher_model)
     identity = student_identity(student, teacher if use_teacher else None, run_settings, splits["train"],
                                 cache if use_teacher else None)

@@ -381,3 +381,25 @@ def test_paired_differences_and_val_curves(tmp_path):
     log.write_text("\n".join(json.dumps({"step": e * 10, "epoch": e, "eval": {"rsum": 100.0 + e}}) for e in (1, 2)))
     assert ablations.plot_val_curves(tmp_path, records, tmp_path / "curves.png").is_file()
     assert ablations.plot_val_curves(tmp_path / "empty", records, tmp_path / "none.png") is None
+
+
+def test_two_direction_rows_distil_text_to_image_and_their_baseline_has_no_teacher(data_json, tmp_path):
+    teacher_dir = tmp_path / "teacher"
+    meter_preset("roberta32x1-vit32x2").save_pretrained(teacher_dir)
+    settings = _settings(data_json, tmp_path, teacher_checkpoint=str(teacher_dir), eval_split="test",
+                         directions=("i2t",))  # the embedded recipe's single direction
+    out = tmp_path / "ablations"
+    ablations.run_ablations(settings, seeds=(0,), methods=["baseline", "baseline_t2i", "dcd_denoised_t2i"],
+                            kinds=("dual",), out=out, results_json=tmp_path / "c.json")
+    identity = {m: json.loads((out / "records" / f"dual-{m}-seed0.json").read_text())["identity"]
+                for m in ("baseline", "baseline_t2i", "dcd_denoised_t2i")}
+    assert identity["baseline"]["dcd"]["directions"] == ["i2t"]
+    assert identity["baseline_t2i"]["dcd"]["directions"] == ["i2t", "t2i"]
+    assert identity["baseline_t2i"]["teacher"] is None and identity["baseline_t2i"]["dcd"]["use_teacher"] is False
+    distilled = identity["dcd_denoised_t2i"]
+    assert distilled["teacher"] is not None and distilled["dcd"]["directions"] == ["i2t", "t2i"]
+    assert distilled["dcd"]["drop_false_negatives"] is True
+    # both directions were distilled: the trainer logged a text->image teacher statistic
+    log = (out / "dual" / "dcd_denoised_t2i" / "seed0" / "metrics.jsonl").read_text()
+    assert "teacher_top1_t2i" in log and "teacher_top1_t2i" not in \
+        (out / "dual" / "baseline_t2i" / "seed0" / "metrics.jsonl").read_text()
