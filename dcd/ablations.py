@@ -37,10 +37,10 @@ log = logging.getLogger(__name__)
 
 __all__ = ["METHODS", "EXTRA_METHODS", "FUSION_METHODS", "run_ablations", "summarise", "markdown_table"]
 
-#: method -> the DistillSettings fields it changes from the DCD recipe (``None``, or "use_teacher": False:
-#: trained without the teacher)
-METHODS: Dict[str, Optional[Dict[str, Any]]] = {
-    "baseline": None,
+#: method -> the DistillSettings fields it changes from the DCD recipe ("use_teacher": False: trained without
+#: the teacher)
+METHODS: Dict[str, Dict[str, Any]] = {
+    "baseline": {"use_teacher": False},
     "vanilla_kd": {"selection": "random", "dynamic": False, "alpha_schedule": "constant"},
     "dcd_random_negatives": {"selection": "random"},
     "dcd_uniform_weights": {"dynamic": False},
@@ -51,13 +51,13 @@ METHODS: Dict[str, Optional[Dict[str, Any]]] = {
 #: fresh random candidates); DCD with the teacher's false negatives left out of the self-learning loss; that,
 #: distilling text->image lists too (scored online in the batch; the cache holds image->text only); and the
 #: baseline with the same two-direction self-learning loss, its fair comparison
-EXTRA_METHODS: Dict[str, Optional[Dict[str, Any]]] = {
+EXTRA_METHODS: Dict[str, Dict[str, Any]] = {
     "dcd_self_random": {"self_candidates": "random"},
     "dcd_denoised": {"drop_false_negatives": True},
     "dcd_denoised_t2i": {"drop_false_negatives": True, "directions": ("i2t", "t2i")},
     "baseline_t2i": {"use_teacher": False, "directions": ("i2t", "t2i")},
 }
-KNOWN_METHODS: Dict[str, Optional[Dict[str, Any]]] = {**METHODS, **EXTRA_METHODS}
+KNOWN_METHODS: Dict[str, Dict[str, Any]] = {**METHODS, **EXTRA_METHODS}
 #: the rows trained for the fusion student
 FUSION_METHODS = ("baseline", "vanilla_kd", "dcd")
 #: a fusion student is a re-ranker: it is measured on the top FUSION_RERANK_K candidates per query of the
@@ -134,7 +134,7 @@ def run_ablations(settings: DistillSettings, seeds: Sequence[int] = (0, 1, 2),
 
 def _one_run(kind: str, method: str, seed: int, settings: DistillSettings, splits, teacher, teacher_model, cache,
              root: Path) -> Dict[str, Any]:
-    overrides = dict(KNOWN_METHODS[method] or {"use_teacher": False})
+    overrides = dict(KNOWN_METHODS[method])
     use_teacher = overrides.pop("use_teacher", True)
     run_settings = replace(settings, seed=seed, **overrides)
     student = _build_student(kind, run_settings, teacher, teacher_model)
