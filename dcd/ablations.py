@@ -57,6 +57,11 @@ EXTRA_METHODS: Dict[str, Dict[str, Any]] = {
     "dcd_denoised_t2i": {"drop_false_negatives": True, "directions": ("i2t", "t2i")},
     "baseline_t2i": {"use_teacher": False, "directions": ("i2t", "t2i")},
 }
+#: the paper's ablations applied to the recipe that works (``dcd_denoised_t2i``): each row turns off one of
+#: DCD's parts (``vanilla_kd``: all of them) and keeps the denoising and the two directions, so the rows say
+#: which part of the winning recipe the gain comes from
+EXTRA_METHODS.update({f"{name}_denoised_t2i": {**METHODS[name], **EXTRA_METHODS["dcd_denoised_t2i"]}
+                      for name in ("vanilla_kd", "dcd_random_negatives", "dcd_uniform_weights", "dcd_static_alpha")})
 KNOWN_METHODS: Dict[str, Dict[str, Any]] = {**METHODS, **EXTRA_METHODS}
 #: the rows trained for the fusion student
 FUSION_METHODS = ("baseline", "vanilla_kd", "dcd")
