@@ -389,10 +389,10 @@ def test_two_direction_rows_distil_text_to_image_and_their_baseline_has_no_teach
     settings = _settings(data_json, tmp_path, teacher_checkpoint=str(teacher_dir), eval_split="test",
                          directions=("i2t",))  # the embedded recipe's single direction
     out = tmp_path / "ablations"
-    ablations.run_ablations(settings, seeds=(0,), methods=["baseline", "baseline_t2i", "dcd_denoised_t2i"],
-                            kinds=("dual",), out=out, results_json=tmp_path / "c.json")
-    identity = {m: json.loads((out / "records" / f"dual-{m}-seed0.json").read_text())["identity"]
-                for m in ("baseline", "baseline_t2i", "dcd_denoised_t2i")}
+    methods = ["baseline", "baseline_t2i", "dcd_denoised_t2i", "vanilla_kd_denoised_t2i"]
+    ablations.run_ablations(settings, seeds=(0,), methods=methods, kinds=("dual",), out=out,
+                            results_json=tmp_path / "c.json")
+    identity = {m: json.loads((out / "records" / f"dual-{m}-seed0.json").read_text())["identity"] for m in methods}
     assert identity["baseline"]["dcd"]["directions"] == ["i2t"]
     assert identity["baseline_t2i"]["dcd"]["directions"] == ["i2t", "t2i"]
     assert identity["baseline_t2i"]["teacher"] is None and identity["baseline_t2i"]["dcd"]["use_teacher"] is False
@@ -403,3 +403,15 @@ def test_two_direction_rows_distil_text_to_image_and_their_baseline_has_no_teach
     log = (out / "dual" / "dcd_denoised_t2i" / "seed0" / "metrics.jsonl").read_text()
     assert "teacher_top1_t2i" in log and "teacher_top1_t2i" not in \
         (out / "dual" / "baseline_t2i" / "seed0" / "metrics.jsonl").read_text()
+    # its vanilla-KD ablation keeps both directions and the denoising, and drops DCD's own parts
+    vanilla = identity["vanilla_kd_denoised_t2i"]["dcd"]
+    assert vanilla["directions"] == ["i2t", "t2i"] and vanilla["drop_false_negatives"] is True
+    assert (vanilla["selection"], vanilla["dynamic"], vanilla["alpha_schedule"]) == ("random", False, "constant")
+
+
+@pytest.mark.parametrize("paper_row", ["vanilla_kd", "dcd_random_negatives", "dcd_uniform_weights", "dcd_static_alpha"])
+def test_ablations_of_the_two_direction_recipe_change_only_the_paper_rows_fields(paper_row):
+    row = ablations.KNOWN_METHODS[f"{paper_row}_denoised_t2i"]
+    recipe = ablations.KNOWN_METHODS["dcd_denoised_t2i"]
+    assert {k: v for k, v in row.items() if recipe.get(k) != v} == ablations.METHODS[paper_row]
+    assert all(row[k] == v for k, v in recipe.items())
