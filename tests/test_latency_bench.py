@@ -209,3 +209,18 @@ def test_quick_run_end_to_end(latency, tmp_path):
     assert rows["4_dual"]["speedup"] > 1.0
     png = (tmp_path / "latency_vs_corpus.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_vilt_teacher_cost_sizes_bracket_the_dual_student(capsys, monkeypatch):
+    """The two ViLT sizes the issue-12 note cites: the embedded one below the 14.3 M dual student, the
+    MiniLM-size one above it; the script prints a finite rate for each."""
+    cost = _load("vilt_teacher_cost", "vilt_teacher_cost.py")
+    from teachers.vilt import vilt_preset
+
+    params = {name: sum(p.numel() for p in vilt_preset("vit128x4", **o).parameters()) for name, o in cost.SIZES.items()}
+    small, large = params.values()
+    assert small < 14.3e6 < large
+    monkeypatch.setattr(sys, "argv", ["vilt_teacher_cost.py", "--side", "2", "--repeats", "1"])
+    cost.main()
+    rows = capsys.readouterr().out.strip().splitlines()[1:]
+    assert len(rows) == 2 and all(float(row.split()[-2]) > 0 for row in rows)
