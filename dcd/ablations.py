@@ -240,9 +240,10 @@ def markdown_table(records: List[Dict[str, Any]]) -> str:
     if pairs:
         lines += ["", "Test RSUM minus the baseline of the same seed:", "",
                   "| teacher | student | method | pairs | mean ± std | per seed |", "|---|---|---|---|---|---|"]
-        for p in pairs:
+        for p in pairs:  # one pair has no spread to show
+            spread = f" ± {p['std']:.1f}" if p["pairs"] > 1 else ""
             lines.append(f"| {p['teacher']} | {p['student']} | {p['method']} | {p['pairs']} | "
-                         f"{p['mean']:+.1f} ± {p['std']:.1f} | {', '.join(f'{d:+.1f}' for d in p['differences'])} |")
+                         f"{p['mean']:+.1f}{spread} | {', '.join(f'{d:+.1f}' for d in p['differences'])} |")
     return "\n".join(lines)
 
 

@@ -376,6 +376,8 @@ def test_paired_differences_and_val_curves(tmp_path):
     (pair,) = ablations.paired_differences(records)
     assert pair["method"] == "dcd" and pair["differences"] == [5.0, -1.0] and pair["mean"] == pytest.approx(2.0)
     assert "| meter | dual | dcd | 2 | +2.0 ± 4.2 | +5.0, -1.0 |" in ablations.markdown_table(records)
+    single = [r for r in records if r["seed"] == 0]  # one pair: a difference, no spread
+    assert "| meter | dual | dcd | 1 | +5.0 | +5.0 |" in ablations.markdown_table(single)
     log = tmp_path / "dual" / "dcd" / "seed0" / "metrics.jsonl"
     log.parent.mkdir(parents=True)
     log.write_text("\n".join(json.dumps({"step": e * 10, "epoch": e, "eval": {"rsum": 100.0 + e}}) for e in (1, 2)))
