@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from teachers.vilt import vilt_preset
+import teachers
 
 SIZES = {
     "vit128x4 (embedded)": {},
@@ -48,7 +48,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"{'ViLT':<22}{'params':>10}{'pairs/s':>10}{'one split (min)':>17}")
     for name, overrides in SIZES.items():
-        model = vilt_preset("vit128x4", **overrides).eval()
+        model = teachers.create_model("vilt", preset="vit128x4", **overrides).eval()
         params = sum(p.numel() for p in model.parameters())
         rate = pairs_per_second(model, args.side, args.repeats)
         print(f"{name:<22}{params / 1e6:>9.2f}M{rate:>10.0f}{args.split_pairs / rate / 60:>17.0f}")
