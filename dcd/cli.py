@@ -62,14 +62,15 @@ def _distill_options(p: argparse.ArgumentParser) -> None:
     m.add_argument("--num-hard", type=int, help="k hardest kept for the student (embedded 3; reference 7)")
     m.add_argument("--negatives", default=d.negatives, choices=("random", "nearest"),
                    help="image->text candidate source: random corpus captions or the student's nearest")
-    m.add_argument("--directions", help="i2t,t2i | i2t | t2i (default: i2t on the embedded set, both on real data)")
+    m.add_argument("--directions", help="i2t,t2i | i2t | t2i (default: both)")
     m.add_argument("--distill-loss", default=d.distill_loss, choices=("kl", "mse"))
     m.add_argument("--self-loss", default=d.self_loss, choices=("ce", "bce"))
     m.add_argument("--self-candidates", default=d.self_candidates, choices=("teacher", "random"),
                    help="candidates of the self-learning loss: the teacher's selection (DCD) or fresh random ones "
                         "(the baseline's)")
-    m.add_argument("--drop-false-negatives", action="store_true",
-                   help="leave candidates the teacher scores above the positive out of the self-learning loss")
+    m.add_argument("--drop-false-negatives", action=argparse.BooleanOptionalAction, default=None,
+                   help="leave candidates the teacher scores above the positive out of the self-learning loss "
+                        "(default: on for the embedded set, off -- the paper -- on real data)")
     m.add_argument("--alpha", type=float, help="distillation share of the loss (embedded 0.5, reference 0.2)")
     m.add_argument("--temperature", type=float, default=d.temperature, help="KL distillation temperature")
     m.add_argument("--teacher-temperature", type=float,

@@ -59,7 +59,7 @@ class DistillSettings:
     num_negatives: Optional[int] = None
     num_hard: Optional[int] = None
     negatives: str = "random"
-    directions: Optional[Tuple[str, ...]] = None  # None: image->text on the embedded set (the reference), both on real data
+    directions: Optional[Tuple[str, ...]] = None  # None: both (the preset's)
     distill_loss: str = "kl"
     self_loss: str = "ce"
     alpha: Optional[float] = None  # None: embedded default, 0.2 (the reference) on real data
@@ -68,7 +68,7 @@ class DistillSettings:
     selection: str = "hardest"
     contrastive_in_mix: bool = False
     self_candidates: str = "teacher"
-    drop_false_negatives: bool = False
+    drop_false_negatives: Optional[bool] = None  # None: on for the embedded set, off (the paper) on real data
     entropy_temperature: Optional[float] = None  # None: 4 embedded, 1 (the reference) on real data
     alpha_schedule: Optional[str] = None  # None: embedded default, constant on real data
     alpha_end: Optional[float] = None
@@ -139,7 +139,8 @@ class DistillSettings:
             alpha_schedule=_default(self.alpha_schedule, preset.alpha_schedule),
             alpha_end=_default(self.alpha_end, preset.alpha_end if self.alpha_schedule is None else None),
             dynamic=self.dynamic, selection=self.selection, contrastive_in_mix=self.contrastive_in_mix,
-            self_candidates=self.self_candidates, drop_false_negatives=self.drop_false_negatives,
+            self_candidates=self.self_candidates,
+            drop_false_negatives=_default(self.drop_false_negatives, preset.drop_false_negatives),
             use_teacher=use_teacher,
         )
 

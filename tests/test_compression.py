@@ -2,6 +2,7 @@
 act, alpha schedules end to end, stage identities, cached evaluation matrices and the ablation runner."""
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -415,5 +416,21 @@ def test_two_direction_rows_distil_text_to_image_and_their_baseline_has_no_teach
 def test_ablations_of_the_two_direction_recipe_change_only_the_paper_rows_fields(paper_row):
     row = ablations.KNOWN_METHODS[f"{paper_row}_denoised_t2i"]
     recipe = ablations.KNOWN_METHODS["dcd_denoised_t2i"]
-    assert {k: v for k, v in row.items() if recipe.get(k) != v} == ablations.METHODS[paper_row]
+    own = {k: v for k, v in ablations.METHODS[paper_row].items() if k not in ablations.PAPER_DCD}
+    assert {k: v for k, v in row.items() if recipe.get(k) != v} == own
     assert all(row[k] == v for k, v in recipe.items())
+
+
+def test_the_embedded_recipe_is_the_row_chosen_on_val_and_the_paper_rows_stay_the_papers():
+    """`make distill` runs `dcd_denoised_t2i`; the paper's rows keep image->text only and every candidate in the
+    self-learning loss whatever the embedded default is, so their recorded identities stay valid."""
+    embedded = DistillSettings()
+    chosen = replace(embedded, **{k: v for k, v in ablations.KNOWN_METHODS["dcd_denoised_t2i"].items()})
+    assert chosen.dcd_config() == embedded.dcd_config()
+    assert embedded.dcd_config().directions == ("i2t", "t2i") and embedded.dcd_config().drop_false_negatives
+    for name, fields in ablations.METHODS.items():
+        paper = replace(embedded, **{k: v for k, v in fields.items() if k != "use_teacher"})
+        config = paper.dcd_config(use_teacher=fields.get("use_teacher", True))
+        assert config.directions == ("i2t",) and config.drop_false_negatives is False, name
+    # on real data the reference (the paper's fine-tuning regime) keeps every candidate
+    assert DistillSettings(data="coco").dcd_config().drop_false_negatives is False
