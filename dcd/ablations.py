@@ -67,6 +67,13 @@ EXTRA_METHODS: Dict[str, Dict[str, Any]] = {
 EXTRA_METHODS.update({f"{name}_denoised_t2i": {**METHODS[name], **EXTRA_METHODS["dcd_denoised_t2i"]}
                       for name in ("vanilla_kd", "dcd_random_negatives", "dcd_uniform_weights", "dcd_static_alpha")})
 KNOWN_METHODS: Dict[str, Dict[str, Any]] = {**METHODS, **EXTRA_METHODS}
+#: each ablation row -> the full recipe it takes parts out of: paired by seed, the difference is what those
+#: parts are worth (the paper's rows against the paper's ``dcd``, the ``*_denoised_t2i`` rows against the
+#: recipe that works)
+ABLATION_OF: Dict[str, str] = {
+    **{name: "dcd" for name in METHODS if name not in ("baseline", "dcd")},
+    **{name: "dcd_denoised_t2i" for name in EXTRA_METHODS if name.endswith("_denoised_t2i") and name != "dcd_denoised_t2i"},
+}
 #: the rows trained for the fusion student
 FUSION_METHODS = ("baseline", "vanilla_kd", "dcd")
 #: a fusion student is a re-ranker: it is measured on the top FUSION_RERANK_K candidates per query of the
@@ -210,19 +217,23 @@ def summarise(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return rows
 
 
-def paired_differences(records: List[Dict[str, Any]], metric: str = "test_rsum") -> List[Dict[str, Any]]:
-    """Each method minus the baseline of the same teacher, student kind and seed: seeds pair the runs (same
+def paired_differences(records: List[Dict[str, Any]], metric: str = "test_rsum",
+                       against: Optional[Dict[str, str]] = None) -> List[Dict[str, Any]]:
+    """Each method minus the method it is compared with (``against``: method -> reference; by default every
+    method against ``baseline``), for the same teacher, student kind and seed: seeds pair the runs (same
     start, same batches), so the spread of the differences is the noise the comparison has to beat."""
-    baseline = {(r["teacher"], r["student"], r["seed"]): r[metric] for r in records
-                if r["method"] == "baseline" and metric in r}
+    values = {(r["teacher"], r["student"], r["method"], r["seed"]): r[metric] for r in records
+              if r["method"] != "teacher" and metric in r}
     groups: Dict[tuple, List[float]] = {}
-    for r in records:
-        key = (r["teacher"], r["student"], r["seed"])
-        if r["method"] not in ("baseline", "teacher") and key in baseline and metric in r:
-            groups.setdefault((r["teacher"], r["student"], r["method"]), []).append(r[metric] - baseline[key])
-    return [{"teacher": t, "student": k, "method": m, "pairs": len(d), "mean": statistics.fmean(d),
+    for (teacher, kind, method, seed), value in values.items():
+        reference = (against or {}).get(method) if against is not None else \
+            (None if method == "baseline" else "baseline")
+        if reference is not None and (teacher, kind, reference, seed) in values:
+            groups.setdefault((teacher, kind, method, reference), []).append(
+                value - values[(teacher, kind, reference, seed)])
+    return [{"teacher": t, "student": k, "method": m, "against": ref, "pairs": len(d), "mean": statistics.fmean(d),
              "std": statistics.stdev(d) if len(d) > 1 else 0.0, "differences": d}
-            for (t, k, m), d in groups.items()]
+            for (t, k, m, ref), d in groups.items()]
 
 
 def markdown_table(records: List[Dict[str, Any]]) -> str:
@@ -244,11 +255,22 @@ def markdown_table(records: List[Dict[str, Any]]) -> str:
     if pairs:
         lines += ["", "Test RSUM minus the baseline of the same seed:", "",
                   "| teacher | student | method | pairs | mean ± std | per seed |", "|---|---|---|---|---|---|"]
-        for p in pairs:  # one pair has no spread to show
-            spread = f" ± {p['std']:.1f}" if p["pairs"] > 1 else ""
-            lines.append(f"| {p['teacher']} | {p['student']} | {p['method']} | {p['pairs']} | "
-                         f"{p['mean']:+.1f}{spread} | {', '.join(f'{d:+.1f}' for d in p['differences'])} |")
+        lines += [f"| {p['teacher']} | {p['student']} | {p['method']} | {_paired_cells(p)} |" for p in pairs]
+    parts = paired_differences(records, against=ABLATION_OF)
+    if parts:
+        lines += ["", "Test RSUM minus the full recipe of the same seed (each ablation row takes parts of it out):", "",
+                  "| teacher | student | method | full recipe | pairs | mean ± std | per seed |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {p['teacher']} | {p['student']} | {p['method']} | {p['against']} | {_paired_cells(p)} |"
+                  for p in parts]
     return "\n".join(lines)
+
+
+def _paired_cells(pair: Dict[str, Any]) -> str:
+    """``pairs | mean ± std | per seed`` (one pair has no spread to show)."""
+    spread = f" ± {pair['std']:.1f}" if pair["pairs"] > 1 else ""
+    return (f"{pair['pairs']} | {pair['mean']:+.1f}{spread} | "
+            f"{', '.join(f'{d:+.1f}' for d in pair['differences'])}")
 
 
 def plot_val_curves(root: Path, records: List[Dict[str, Any]], path: Path) -> Optional[Path]:

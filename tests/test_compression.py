@@ -386,6 +386,27 @@ def test_paired_differences_and_val_curves(tmp_path):
     assert ablations.plot_val_curves(tmp_path / "empty", records, tmp_path / "none.png") is None
 
 
+def test_each_ablation_row_is_paired_with_the_full_recipe_it_takes_parts_out_of():
+    rows = (("baseline", 0, 300.0), ("dcd", 0, 320.0), ("vanilla_kd", 0, 310.0), ("dcd_denoised_t2i", 0, 360.0),
+            ("dcd_denoised_t2i", 1, 350.0), ("vanilla_kd_denoised_t2i", 0, 355.0),
+            ("vanilla_kd_denoised_t2i", 1, 352.0), ("dcd_uniform_weights_denoised_t2i", 2, 390.0))
+    records = [{"teacher": "meter", "student": "dual", "method": m, "seed": s, "params": 1, "test_rsum": v}
+               for m, s, v in rows]  # seed 2 of the uniform-weights row has no full recipe: left out
+    parts = {p["method"]: p for p in ablations.paired_differences(records, against=ablations.ABLATION_OF)}
+    assert set(parts) == {"vanilla_kd", "vanilla_kd_denoised_t2i"}
+    assert parts["vanilla_kd"]["against"] == "dcd" and parts["vanilla_kd"]["differences"] == [-10.0]
+    assert parts["vanilla_kd_denoised_t2i"]["against"] == "dcd_denoised_t2i"
+    assert parts["vanilla_kd_denoised_t2i"]["differences"] == [-5.0, 2.0]
+    table = ablations.markdown_table(records)
+    assert "| meter | dual | vanilla_kd_denoised_t2i | dcd_denoised_t2i | 2 | -1.5 ± 4.9 | -5.0, +2.0 |" in table
+    assert "| meter | dual | vanilla_kd | dcd | 1 | -10.0 | -10.0 |" in table
+    # every paper ablation and every ablation of the two-direction recipe has its full recipe
+    assert set(ablations.ABLATION_OF) == {"vanilla_kd", "dcd_random_negatives", "dcd_uniform_weights",
+                                          "dcd_static_alpha"} | {f"{m}_denoised_t2i" for m in (
+                                          "vanilla_kd", "dcd_random_negatives", "dcd_uniform_weights",
+                                          "dcd_static_alpha")}
+
+
 def test_two_direction_rows_distil_text_to_image_and_their_baseline_has_no_teacher(data_json, tmp_path):
     teacher_dir = tmp_path / "teacher"
     meter_preset("roberta32x1-vit32x2").save_pretrained(teacher_dir)
