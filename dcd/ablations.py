@@ -74,6 +74,8 @@ ABLATION_OF: Dict[str, str] = {
     **{name: "dcd" for name in METHODS if name not in ("baseline", "dcd")},
     **{name: "dcd_denoised_t2i" for name in EXTRA_METHODS if name.endswith("_denoised_t2i") and name != "dcd_denoised_t2i"},
 }
+#: the two-direction rows -> their fair control: the baseline with the same two-direction self-learning loss
+TWO_DIRECTION_CONTROL: Dict[str, str] = {name: "baseline_t2i" for name in EXTRA_METHODS if name.endswith("_denoised_t2i")}
 #: the rows trained for the fusion student
 FUSION_METHODS = ("baseline", "vanilla_kd", "dcd")
 #: a fusion student is a re-ranker: it is measured on the top FUSION_RERANK_K candidates per query of the
@@ -256,6 +258,11 @@ def markdown_table(records: List[Dict[str, Any]]) -> str:
         lines += ["", "Test RSUM minus the baseline of the same seed:", "",
                   "| teacher | student | method | pairs | mean ± std | per seed |", "|---|---|---|---|---|---|"]
         lines += [f"| {p['teacher']} | {p['student']} | {p['method']} | {_paired_cells(p)} |" for p in pairs]
+    controlled = paired_differences(records, against=TWO_DIRECTION_CONTROL)
+    if controlled:
+        lines += ["", "Test RSUM minus the two-direction baseline (`baseline_t2i`) of the same seed:", "",
+                  "| teacher | student | method | pairs | mean ± std | per seed |", "|---|---|---|---|---|---|"]
+        lines += [f"| {p['teacher']} | {p['student']} | {p['method']} | {_paired_cells(p)} |" for p in controlled]
     parts = paired_differences(records, against=ABLATION_OF)
     if parts:
         lines += ["", "Test RSUM minus the full recipe of the same seed (each ablation row takes parts of it out):", "",

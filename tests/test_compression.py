@@ -400,6 +400,10 @@ def test_each_ablation_row_is_paired_with_the_full_recipe_it_takes_parts_out_of(
     table = ablations.markdown_table(records)
     assert "| meter | dual | vanilla_kd_denoised_t2i | dcd_denoised_t2i | 2 | -1.5 ± 4.9 | -5.0, +2.0 |" in table
     assert "| meter | dual | vanilla_kd | dcd | 1 | -10.0 | -10.0 |" in table
+    assert "two-direction baseline" not in table  # no baseline_t2i record: no such table
+    control = [{"teacher": "meter", "student": "dual", "method": "baseline_t2i", "seed": 1, "params": 1,
+                "test_rsum": 340.0}]
+    assert "| meter | dual | dcd_denoised_t2i | 1 | +10.0 | +10.0 |" in ablations.markdown_table(records + control)
     # every paper ablation and every ablation of the two-direction recipe has its full recipe
     assert set(ablations.ABLATION_OF) == {"vanilla_kd", "dcd_random_negatives", "dcd_uniform_weights",
                                           "dcd_static_alpha"} | {f"{m}_denoised_t2i" for m in (
