@@ -64,18 +64,19 @@ EXTRA_METHODS: Dict[str, Dict[str, Any]] = {
 #: the paper's ablations applied to the recipe that works (``dcd_denoised_t2i``): each row turns off one of
 #: DCD's parts (``vanilla_kd``: all of them) and keeps the denoising and the two directions, so the rows say
 #: which part of the winning recipe the gain comes from
+#: the paper's ablation rows: each turns parts of ``dcd`` off
+PAPER_ABLATIONS = tuple(name for name in METHODS if name not in ("baseline", "dcd"))
 EXTRA_METHODS.update({f"{name}_denoised_t2i": {**METHODS[name], **EXTRA_METHODS["dcd_denoised_t2i"]}
-                      for name in ("vanilla_kd", "dcd_random_negatives", "dcd_uniform_weights", "dcd_static_alpha")})
+                      for name in PAPER_ABLATIONS})
 KNOWN_METHODS: Dict[str, Dict[str, Any]] = {**METHODS, **EXTRA_METHODS}
 #: each ablation row -> the full recipe it takes parts out of: paired by seed, the difference is what those
 #: parts are worth (the paper's rows against the paper's ``dcd``, the ``*_denoised_t2i`` rows against the
 #: recipe that works)
-ABLATION_OF: Dict[str, str] = {
-    **{name: "dcd" for name in METHODS if name not in ("baseline", "dcd")},
-    **{name: "dcd_denoised_t2i" for name in EXTRA_METHODS if name.endswith("_denoised_t2i") and name != "dcd_denoised_t2i"},
-}
+ABLATION_OF: Dict[str, str] = {**{name: "dcd" for name in PAPER_ABLATIONS},
+                               **{f"{name}_denoised_t2i": "dcd_denoised_t2i" for name in PAPER_ABLATIONS}}
 #: the two-direction rows -> their fair control: the baseline with the same two-direction self-learning loss
-TWO_DIRECTION_CONTROL: Dict[str, str] = {name: "baseline_t2i" for name in EXTRA_METHODS if name.endswith("_denoised_t2i")}
+TWO_DIRECTION_CONTROL: Dict[str, str] = {name: "baseline_t2i" for name in ("dcd_denoised_t2i", *ABLATION_OF)
+                                         if name.endswith("_denoised_t2i")}
 #: the rows trained for the fusion student
 FUSION_METHODS = ("baseline", "vanilla_kd", "dcd")
 #: a fusion student is a re-ranker: it is measured on the top FUSION_RERANK_K candidates per query of the
@@ -228,8 +229,7 @@ def paired_differences(records: List[Dict[str, Any]], metric: str = "test_rsum",
               if r["method"] != "teacher" and metric in r}
     groups: Dict[tuple, List[float]] = {}
     for (teacher, kind, method, seed), value in values.items():
-        reference = (against or {}).get(method) if against is not None else \
-            (None if method == "baseline" else "baseline")
+        reference = against.get(method) if against is not None else (None if method == "baseline" else "baseline")
         if reference is not None and (teacher, kind, reference, seed) in values:
             groups.setdefault((teacher, kind, method, reference), []).append(
                 value - values[(teacher, kind, reference, seed)])
@@ -253,31 +253,27 @@ def markdown_table(records: List[Dict[str, Any]]) -> str:
                      f"{row['seeds']} | {cell(row, 'val_rsum')} | {cell(row, 'test_rsum')} | "
                      f"{cell(row, 'test_i2t_r1')} | {cell(row, 'test_t2i_r1')} | {cell(row, 'test_binding')} | "
                      f"{seconds} |")
-    pairs = paired_differences(records)
-    if pairs:
-        lines += ["", "Test RSUM minus the baseline of the same seed:", "",
-                  "| teacher | student | method | pairs | mean ± std | per seed |", "|---|---|---|---|---|---|"]
-        lines += [f"| {p['teacher']} | {p['student']} | {p['method']} | {_paired_cells(p)} |" for p in pairs]
-    controlled = paired_differences(records, against=TWO_DIRECTION_CONTROL)
-    if controlled:
-        lines += ["", "Test RSUM minus the two-direction baseline (`baseline_t2i`) of the same seed:", "",
-                  "| teacher | student | method | pairs | mean ± std | per seed |", "|---|---|---|---|---|---|"]
-        lines += [f"| {p['teacher']} | {p['student']} | {p['method']} | {_paired_cells(p)} |" for p in controlled]
-    parts = paired_differences(records, against=ABLATION_OF)
-    if parts:
-        lines += ["", "Test RSUM minus the full recipe of the same seed (each ablation row takes parts of it out):", "",
-                  "| teacher | student | method | full recipe | pairs | mean ± std | per seed |",
-                  "|---|---|---|---|---|---|---|"]
-        lines += [f"| {p['teacher']} | {p['student']} | {p['method']} | {p['against']} | {_paired_cells(p)} |"
-                  for p in parts]
+    lines += _paired_table("Test RSUM minus the baseline of the same seed:", paired_differences(records))
+    lines += _paired_table("Test RSUM minus the two-direction baseline (`baseline_t2i`) of the same seed:",
+                           paired_differences(records, against=TWO_DIRECTION_CONTROL))
+    lines += _paired_table("Test RSUM minus the full recipe of the same seed (each ablation row takes parts of it out):",
+                           paired_differences(records, against=ABLATION_OF), show_reference=True)
     return "\n".join(lines)
 
 
-def _paired_cells(pair: Dict[str, Any]) -> str:
-    """``pairs | mean ± std | per seed`` (one pair has no spread to show)."""
-    spread = f" ± {pair['std']:.1f}" if pair["pairs"] > 1 else ""
-    return (f"{pair['pairs']} | {pair['mean']:+.1f}{spread} | "
-            f"{', '.join(f'{d:+.1f}' for d in pair['differences'])}")
+def _paired_table(title: str, pairs: List[Dict[str, Any]], show_reference: bool = False) -> List[str]:
+    """The lines of one table of :func:`paired_differences` (none when nothing pairs; one pair has no spread)."""
+    if not pairs:
+        return []
+    reference_head, reference_rule = ("full recipe | ", "---|") if show_reference else ("", "")
+    lines = ["", title, "", f"| teacher | student | method | {reference_head}pairs | mean ± std | per seed |",
+             f"|---|---|---|{reference_rule}---|---|---|"]
+    for p in pairs:
+        reference = f"{p['against']} | " if show_reference else ""
+        spread = f" ± {p['std']:.1f}" if p["pairs"] > 1 else ""
+        lines.append(f"| {p['teacher']} | {p['student']} | {p['method']} | {reference}{p['pairs']} | "
+                     f"{p['mean']:+.1f}{spread} | {', '.join(f'{d:+.1f}' for d in p['differences'])} |")
+    return lines
 
 
 def plot_val_curves(root: Path, records: List[Dict[str, Any]], path: Path) -> Optional[Path]:
