@@ -20,7 +20,7 @@ DISTILL_FLAGS = --teacher $(TEACHER) --data $(DATA) $(if $(STUDENT),--student $(
 
 SEEDS        ?= 0,1,2
 
-.PHONY: install test distill ablations teacher bench bench-index data clean
+.PHONY: install test distill ablations teacher bench bench-index bench-throughput data clean
 
 install: $(STAMP)
 
@@ -66,6 +66,10 @@ bench: install
 # FAISS flat / HNSW / IVF-PQ at 100k and 1M vectors (10M projected): writes benchmarks/results/index.json and the plot
 bench-index: install
 	$(BIN)/python benchmarks/index.py $(ARGS)
+
+# fp32 against bf16 per stage, and where a training step's time goes: writes benchmarks/results/throughput.json
+bench-throughput: install
+	$(BIN)/python benchmarks/throughput.py $(ARGS)
 
 data: install
 	$(BIN)/dcd data $(ARGS)

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import students
-import teachers
 from dcd import pipeline, retrieval
 from dcd.pipeline import DistillSettings
 from dcd.score_matrices import cached_score_matrix, rerank_curve
@@ -30,8 +29,7 @@ def main() -> None:
     ks = tuple(int(k) for k in args.ks.split(","))
     settings = DistillSettings(teacher=args.teacher, progress=False)
     splits = pipeline.load_data(settings)
-    model, info = pipeline.load_teacher(settings, splits)
-    teacher = teachers.as_teacher(model)
+    model, info, teacher = pipeline.setup_teacher(settings, splits)
     student = students.load_student(args.student)
     k, val_curve = pipeline.choose_rerank_k(student, teacher, splits["val"], settings, ks)
     test = splits["eval"]

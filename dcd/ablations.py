@@ -28,7 +28,7 @@ from teachers.base import Scorer
 from teachers.files import write_text
 
 from . import retrieval
-from .pipeline import (DistillSettings, build_dual, count_parameters, load_data, load_teacher, student_identity,
+from .pipeline import (DistillSettings, build_dual, count_parameters, load_data, setup_teacher, student_identity,
                        teacher_score_cache, train_student)
 from .score_matrices import cached_score_matrix, stored_score_info
 from .trainer import is_main_process
@@ -122,8 +122,7 @@ def run_ablations(settings: DistillSettings, seeds: Sequence[int] = (0, 1, 2),
     root = Path(out or Path("runs") / f"ablations-{settings.teacher}")
     root.mkdir(parents=True, exist_ok=True)
     splits = load_data(settings)
-    teacher_model, teacher_info = load_teacher(settings, splits)
-    teacher = teachers.as_teacher(teacher_model).to(settings.device)
+    teacher_model, teacher_info, teacher = setup_teacher(settings, splits)
     cache = teacher_score_cache(teacher, settings, splits["train"], root)
     records: List[Dict[str, Any]] = []
     for kind in kinds:
@@ -171,7 +170,8 @@ def _one_run(kind: str, method: str, seed: int, settings: DistillSettings, split
     extra: Dict[str, Any] = {}
     if kind == "fusion":
         first = _first_stage(root, seed, settings.device)
-        val, test = (retrieval.evaluate_rerank(first, trained, splits[role], k=FUSION_RERANK_K, device=settings.device,
+        reranker = teachers.as_teacher(trained, settings.precision_plan().scoring)  # trained: it only scores now
+        val, test = (retrieval.evaluate_rerank(first, reranker, splits[role], k=FUSION_RERANK_K, device=settings.device,
                                                progress=False) for role in ("val", "eval"))
         extra = {"rerank_k": FUSION_RERANK_K, "first_stage": f"dual baseline seed {seed}",
                  "first_stage_test_rsum": round(test["first_rsum"], 2)}

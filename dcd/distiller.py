@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from teachers import as_teacher
-from teachers.base import Features, Scorer, Teacher, concat, select, to_device
+from teachers.base import Features, Scorer, Teacher, concat, to_device
 
 from . import candidates as cands
 from .hard_negatives import gather, select_hard
@@ -221,12 +221,12 @@ class Distiller(nn.Module):
         for direction in cfg.directions:
             corpus = direction == "i2t" and self.captions is not None
             if corpus:
-                student_scores, teacher_scores = self._i2t_corpus(batch, s_img, t_img)
+                student_scores, teacher_scores = self._i2t_corpus(batch, s_img, t_img, s_txt, t_txt)
             else:
                 student_scores, teacher_scores = self._in_batch(direction, image_index, s_img, s_txt, t_img, t_txt)
             self_scores, keep = student_scores, None
             if teacher_scores is not None and cfg.self_candidates == "random":
-                self_scores = self._i2t_corpus(batch, s_img, None) if corpus else \
+                self_scores = self._i2t_corpus(batch, s_img, None, s_txt) if corpus else \
                     self._in_batch(direction, image_index, s_img, s_txt, None, None)
                 self_scores = self_scores[0]
             elif teacher_scores is not None and cfg.drop_false_negatives:
@@ -267,8 +267,12 @@ class Distiller(nn.Module):
         return out
 
     # ------------------------------------------------------------------ candidate sets
-    def _i2t_corpus(self, batch, s_img: Features, t_img: Optional[Features]) -> Tuple[Tensor, Optional[Tensor]]:
-        """Image->text over corpus captions: ``(student [B, 1+k], teacher [B, 1+k] or None)``."""
+    def _i2t_corpus(self, batch, s_img: Features, t_img: Optional[Features], s_txt: Optional[Features] = None,
+                    t_txt: Optional[Features] = None) -> Tuple[Tensor, Optional[Tensor]]:
+        """Image->text over corpus captions: ``(student [B, 1+k], teacher [B, 1+k] or None)``.
+
+        ``s_txt`` / ``t_txt``: the batch's own captions, already encoded; a candidate among them is not
+        encoded again (every positive is a candidate: a fifth of a dual student's text work at k = 3)."""
         cfg = self.config
         image_index, caption_index = batch["image_index"].cpu(), batch["caption_index"].cpu()
         use_teacher = cfg.use_teacher and self.teacher is not None and t_img is not None
@@ -284,12 +288,12 @@ class Distiller(nn.Module):
                 negatives = cands.random_captions(image_index, self.caption_image, count)
             candidates = torch.cat([caption_index[:, None], negatives.cpu()], dim=1)
             if use_teacher:
-                teacher_scores = self._score_captions(self.teacher, t_img, candidates)
+                teacher_scores = self._score_captions(self.teacher, t_img, candidates, caption_index, t_txt)
         if teacher_scores is not None:
             keep = _select(teacher_scores, cfg.num_hard, cfg.selection)
             teacher_scores = gather(teacher_scores, keep)
             candidates = gather(candidates, keep.to(candidates.device))
-        return self._score_captions(self.student, s_img, candidates), teacher_scores
+        return self._score_captions(self.student, s_img, candidates, caption_index, s_txt), teacher_scores
 
     def _in_batch(self, direction: str, image_index: Tensor, s_img: Features, s_txt: Features,
                   t_img: Optional[Features], t_txt: Optional[Features]) -> Tuple[Tensor, Optional[Tensor]]:
@@ -309,13 +313,23 @@ class Distiller(nn.Module):
             pairs = tuple(gather(p, keep) for p in pairs)
         return _score_rows(self.student, s_img, s_txt, *pairs), teacher_scores
 
-    def _score_captions(self, model: Scorer, image_features: Features, candidates: Tensor) -> Tensor:
-        """Logits ``[B, C]`` of batch image i with corpus captions ``candidates[i]`` (each encoded once)."""
+    def _score_captions(self, model: Scorer, image_features: Features, candidates: Tensor,
+                        known_index: Optional[Tensor] = None, known: Optional[Features] = None) -> Tensor:
+        """Logits ``[B, C]`` of batch image i with corpus captions ``candidates[i]`` (each encoded once).
+
+        ``known``: features of the captions ``known_index`` (the batch's, encoded by ``model``): reused."""
         unique, inverse = candidates.unique(return_inverse=True)
-        texts = to_device(model.tokenize([self.captions[int(c)] for c in unique]), model.device)
-        text_features = model.encode_texts(texts)
+        row_of = {} if known is None else {int(c): row for row, c in reversed(list(enumerate(known_index.tolist())))}
+        fresh = [int(c) for c in unique.tolist() if int(c) not in row_of]
+        parts = [] if known is None else [known]
+        if fresh:
+            parts.append(model.encode_texts(to_device(model.tokenize([self.captions[c] for c in fresh]), model.device)))
+        text_features = concat(parts) if len(parts) > 1 else parts[0]
+        offset = 0 if known is None else len(known_index)
+        row_of.update({c: offset + i for i, c in enumerate(fresh)})
+        lookup = torch.tensor([row_of[int(c)] for c in unique.tolist()], dtype=torch.long)
         rows = torch.arange(len(candidates), device=model.device)[:, None].expand_as(candidates)
-        return _score_rows(model, image_features, text_features, rows, inverse.to(model.device))
+        return _score_rows(model, image_features, text_features, rows, lookup[inverse].to(model.device))
 
     @torch.no_grad()
     def _bank(self) -> Tensor:

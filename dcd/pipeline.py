@@ -22,6 +22,8 @@ import students
 import teachers
 from teachers.base import Scorer
 from teachers.files import write_text
+from teachers.precision import PrecisionPlan
+from teachers.precision import plan as precision_plan
 
 from . import retrieval
 from .checkpoint import claim_run_dir
@@ -144,6 +146,10 @@ class DistillSettings:
             use_teacher=use_teacher,
         )
 
+    def precision_plan(self) -> PrecisionPlan:
+        """``--precision`` resolved per stage for this run's device (:mod:`teachers.precision`)."""
+        return precision_plan(self.precision, self.device)
+
     def recipe(self, total_steps: Optional[int] = None):
         """The resolved :class:`dcd.recipes.Recipe` of these settings."""
         return resolve(self, total_steps)
@@ -166,11 +172,19 @@ def load_teacher(settings: DistillSettings, splits: Dict[str, CaptionSplit]) -> 
     if settings.teacher_checkpoint:
         model = teachers.create_model(settings.teacher, checkpoint=settings.teacher_checkpoint, **settings.teacher_config)
         return model, {"source": settings.teacher_checkpoint}
+    plan = settings.precision_plan()
     if not settings.preset().trains_teacher:
         raise ValueError(f"--data {settings.data} needs --teacher-checkpoint (the fine-tuned {settings.teacher} "
                          "retrieval checkpoint); only the embedded data set has a teacher dcd can train itself")
     return embedded_teacher(settings.teacher, splits["train"], device=settings.device, progress=settings.progress,
-                            overrides=settings.teacher_config)
+                            overrides=settings.teacher_config, precision=plan.cross)
+
+
+def setup_teacher(settings: DistillSettings, splits: Dict[str, CaptionSplit]) -> Tuple[Scorer, Dict[str, Any], Scorer]:
+    """``(model, info, teacher)``: the teacher model (:func:`load_teacher`) and its frozen view on the run's device,
+    scoring at the run's scoring precision; every job that distils (``distill``, ``ablations``) starts here."""
+    model, info = load_teacher(settings, splits)
+    return model, info, teachers.as_teacher(model, settings.precision_plan().scoring).to(settings.device)
 
 
 def build_dual(settings: DistillSettings, teacher: Scorer) -> Scorer:
@@ -205,7 +219,8 @@ def train_student(name: str, student: Scorer, teacher: Optional[Scorer], setting
                           score_cache=cache if teacher is not None else None)
     config = TrainConfig(
         epochs=budget.epochs, batch_size=budget.batch_size, lr=budget.lr, max_steps=budget.max_steps,
-        warmup=budget.warmup, precision=settings.precision, seed=settings.seed, num_workers=settings.num_workers,
+        warmup=budget.warmup, precision=settings.precision_plan().training(getattr(student, "family", "")),
+        seed=settings.seed, num_workers=settings.num_workers,
         device=settings.device, progress=settings.progress, desc=name, save_every=25, log_every=5,
     )
     val = splits["val"]
@@ -233,8 +248,8 @@ def student_identity(student: Scorer, teacher: Optional[Scorer], settings: Disti
 
     The starting weights (fingerprint of the built student: architecture, checkpoint, init seed), the
     teacher's weights, the training data, the candidate cache, the method, the budget, the batches, the
-    seed and the precision. Progress bars, worker counts and output paths are left out: they do not
-    change the result.
+    seed and the precision (the student's training precision, and the teacher's scoring precision when it
+    has one). Progress bars, worker counts and output paths are left out: they do not change the result.
     """
     from .score_cache import teacher_fingerprint
 
@@ -245,8 +260,17 @@ def student_identity(student: Scorer, teacher: Optional[Scorer], settings: Disti
         "data": {"source": str(train.source), "split": train.name, "captions": train.num_captions},
         "score_cache": dict(cache.header) if cache is not None and teacher is not None else None,
         "budget": asdict(settings.budget()), "dcd": dcd_config.to_dict(), "group_size": settings.student_group_size(),
-        "seed": settings.seed, "precision": settings.precision, "device_type": str(settings.device).split(":")[0],
+        "seed": settings.seed, "precision": student_precision(student, teacher, settings),
+        "device_type": str(settings.device).split(":")[0],
     }
+
+
+def student_precision(student: Scorer, teacher: Optional[Scorer], settings: DistillSettings) -> Dict[str, Any]:
+    """What a student's training computes in: its own passes, and its teacher's scores (None: no teacher)."""
+    from .score_cache import scoring_precision
+
+    return {"training": settings.precision_plan().training(getattr(student, "family", "")),
+            "teacher_scoring": scoring_precision(teacher) if teacher is not None else None}
 
 
 def equal_time_dual(seconds: float, splits: Dict[str, CaptionSplit], run_dir: Path, device: str = "cpu",
@@ -366,8 +390,9 @@ def run_distill(settings: DistillSettings) -> Dict[str, Any]:
     if is_main_process():  # what this run does, resolved (``dcd distill --print-recipe`` shows the same)
         recipe = settings.recipe(training_steps(settings.budget(), splits["train"].num_captions)).to_dict()
         write_text(run_dir / "recipe.json", json.dumps(recipe, indent=1))
-    teacher_model, teacher_info = load_teacher(settings, splits)
-    teacher = teachers.as_teacher(teacher_model).to(settings.device)
+    plan = settings.precision_plan()
+    log.info("%s", plan.describe())
+    teacher_model, teacher_info, teacher = setup_teacher(settings, splits)
     cache = teacher_score_cache(teacher, settings, splits["train"], run_dir)
 
     trained: Dict[str, Scorer] = {}
@@ -387,7 +412,9 @@ def run_distill(settings: DistillSettings) -> Dict[str, Any]:
             stage = "fusion" if name == "dcd" else "fusion-baseline"
             trained[f"{name} fusion"], summaries[stage] = train_student(stage, fusion, fusion_teacher, settings,
                                                                         splits, run_dir, cache)
-        rerankers.update({name: trained[name] for name in ("baseline fusion", "dcd fusion") if name in trained})
+        # trained: from here on they only score, frozen, at the scoring precision (as the teacher does)
+        rerankers.update({name: teachers.as_teacher(trained[name], plan.scoring)
+                          for name in ("baseline fusion", "dcd fusion") if name in trained})
     rerankers["teacher"] = teacher
 
     scores_dir = Path(teacher_info["path"]).parent / "scores" if "path" in teacher_info else run_dir / "teacher_scores_eval"

@@ -113,7 +113,7 @@ class Recipe:
     score_cache: Optional[Dict[str, Any]]  # pool_size, near, seed (None: the teacher scores online)
     group_size: int
     seed: int
-    precision: str
+    precision: Dict[str, str]  # --precision resolved per stage (teachers.precision.PrecisionPlan): what auto chose
     device: str
     stages: Dict[str, Any]  # baseline / fusion students on or off, the re-rank depth
     output: Dict[str, Any]  # where and how verbosely: never part of a stage's identity
@@ -128,10 +128,11 @@ class Recipe:
         the score cache and every student.
         """
         teacher = {"family": self.teacher["family"], "checkpoint": self.teacher["checkpoint"],
-                   "config": self.teacher["config"], "data": self.data["source"], "device_type": self._device_type()}
+                   "config": self.teacher["config"], "data": self.data["source"], "device_type": self._device_type(),
+                   "precision": self.precision["cross"] if self.teacher["checkpoint"] is None else None}
         if stage == "teacher":
             return teacher
-        cache = {"teacher": teacher, "pool": self.score_cache}
+        cache = {"teacher": teacher, "pool": self.score_cache, "precision": self.precision["scoring"]}
         if stage == "score_cache":
             return cache
         if stage == "student":
@@ -164,7 +165,7 @@ def resolve(settings, total_steps: Optional[int] = None) -> Recipe:
                  "config": dict(sorted(settings.teacher_config.items()))},
         student={"name": settings.student_name(), "checkpoint": settings.student_checkpoint},
         budget=settings.budget(), dcd=config.to_dict(), score_cache=cache, group_size=settings.student_group_size(),
-        seed=settings.seed, precision=settings.precision, device=settings.device,
+        seed=settings.seed, precision=settings.precision_plan().to_dict(), device=settings.device,
         stages={"baseline": settings.baseline, "fusion": settings.fusion, "rerank_k": settings.rerank_k,
                 "exhaustive_fusion": settings.exhaustive_fusion},
         output={"out": str(settings.run_dir()), "progress": settings.progress, "num_workers": settings.num_workers},

@@ -33,13 +33,18 @@ from tqdm.auto import tqdm
 
 from teachers.base import concat, to_device
 
-__all__ = ["StaleCacheError", "TeacherScoreCache", "teacher_fingerprint"]
+__all__ = ["StaleCacheError", "TeacherScoreCache", "scoring_precision", "teacher_fingerprint"]
 
 FORMAT_VERSION = 2
 
 
 class StaleCacheError(ValueError):
     """A score cache built for another teacher / split / pool than the one asked for."""
+
+
+def scoring_precision(model: torch.nn.Module) -> str:
+    """What ``model``'s scores are computed in: a :class:`teachers.Teacher`'s scoring precision, else fp32."""
+    return getattr(model, "scoring_precision", "fp32")
 
 
 def teacher_fingerprint(teacher: torch.nn.Module) -> str:
@@ -71,7 +76,12 @@ class TeacherScoreCache:
         if not header_path.is_file():
             raise FileNotFoundError(f"no teacher score cache at {directory} (missing header.json)")
         header = json.loads(header_path.read_text())
-        for key, value in (expect or {}).items():
+        expect = dict(expect or {})
+        if expect:  # absent means fp32 (caches from before precision was recorded): never mix the two
+            expect.setdefault("precision", "fp32")
+        for key, value in expect.items():
+            if key == "precision" and header.get(key, "fp32") == value:
+                continue
             if header.get(key) != value:
                 raise StaleCacheError(
                     f"teacher score cache {directory} is stale: header field {key!r} is {header.get(key)!r}, "
@@ -104,6 +114,9 @@ class TeacherScoreCache:
             "source": str(split.source), "num_images": split.num_images, "num_captions": split.num_captions,
             "pool_size": pool_size, "seed": seed, "near": near,
         }
+        precision = scoring_precision(teacher)
+        if precision != "fp32":  # an fp32 cache keeps the header it had before precision was recorded
+            header["precision"] = precision
         if (directory / "header.json").is_file():
             try:
                 return cls.open(directory, expect=header)

@@ -3,8 +3,9 @@
 Exhaustive cross-encoder scoring is the expensive part of every table dcd prints: on the embedded test
 split (500 images x 2,500 captions) the embedded METER teacher needs about ten minutes of 2 CPU cores.
 Its matrix does not change between students, seeds and ablation rows, so it is stored as
-``<directory>/<split>.npy`` (float32 ``[n_images, n_texts]``) beside ``<split>.json``, which names the
-model (weights fingerprint), the split (source file, name, sizes) and holds the recall figures. A
+``<directory>/<split>.npy`` (float32 ``[n_images, n_texts]``; ``<split>-bf16.npy`` for a bf16 pass) beside
+``<split>.json``, which names the model (weights fingerprint, scoring precision), the split (source file,
+name, sizes) and holds the recall figures. A
 header that does not match is recomputed, never reused.
 
 From the matrix, recall (:func:`dcd.retrieval.recall_at_k`), binding accuracy and retrieve-then-rerank
@@ -26,7 +27,7 @@ from teachers.files import save_array, write_json
 
 from . import retrieval
 from .binding import binding_accumulator
-from .score_cache import teacher_fingerprint
+from .score_cache import scoring_precision, teacher_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,18 @@ __all__ = ["cached_score_matrix", "metrics_from_matrix", "plateau_k", "rerank_cu
 
 
 def _header(model: Scorer, split) -> Dict[str, Any]:
-    return {"model": teacher_fingerprint(model), "split": split.name, "source": str(split.source),
-            "num_images": split.num_images, "num_captions": split.num_captions}
+    header = {"model": teacher_fingerprint(model), "split": split.name, "source": str(split.source),
+              "num_images": split.num_images, "num_captions": split.num_captions}
+    precision = scoring_precision(model)
+    if precision != "fp32":  # fp32 matrices keep the header they had before precision was recorded
+        header["precision"] = precision
+    return header
+
+
+def _stem(model: Scorer, split) -> str:
+    """The file name of ``model``'s matrix on ``split``: one per precision, so a bf16 pass never replaces fp32."""
+    precision = scoring_precision(model)
+    return split.name if precision == "fp32" else f"{split.name}-{precision}"
 
 
 def metrics_from_matrix(scores: Tensor, split) -> Dict[str, float]:
@@ -57,7 +68,7 @@ def cached_score_matrix(model: Scorer, split, directory: str | Path, device: str
     exhaustive scoring took when it was computed (the figure a speed-up is measured against).
     """
     directory = Path(directory)
-    matrix_path, info_path = directory / f"{split.name}.npy", directory / f"{split.name}.json"
+    matrix_path, info_path = directory / f"{_stem(model, split)}.npy", directory / f"{_stem(model, split)}.json"
     header = _header(model, split)
     if info_path.is_file() and matrix_path.is_file():
         info = _stored_info(info_path, header)
@@ -85,7 +96,7 @@ def cached_score_matrix(model: Scorer, split, directory: str | Path, device: str
 def stored_score_info(model: Scorer, split, directory: str | Path) -> Optional[Dict[str, Any]]:
     """The ``info`` :func:`cached_score_matrix` stored for ``model`` on ``split`` (metrics, time), or ``None``
     when none was stored for this model and split: a report reads it and never starts a long exhaustive pass."""
-    return _stored_info(Path(directory) / f"{split.name}.json", _header(model, split))
+    return _stored_info(Path(directory) / f"{_stem(model, split)}.json", _header(model, split))
 
 
 def _stored_info(info_path: Path, header: Dict[str, Any]) -> Optional[Dict[str, Any]]:

@@ -126,7 +126,7 @@ def feature_width(model: Scorer) -> int:
 def finetune_teacher(model: Scorer, train: CaptionSplit, val: Optional[CaptionSplit], out_dir: Path,
                      epochs: int = 4, lr: float = 3e-4, batch_size: int = 32, device: str = "cpu",
                      progress: bool = True, seed: int = 0, max_steps: Optional[int] = None,
-                     group_size: int = 1, num_negatives: int = 3) -> Dict[str, Any]:
+                     group_size: int = 1, num_negatives: int = 3, precision: str = "fp32") -> Dict[str, Any]:
     """Fine-tune ``model`` for retrieval on ``train`` (resumable in ``out_dir``); returns the history.
 
     ``group_size > 1`` builds each batch from groups of that many caption-neighbour images
@@ -136,7 +136,8 @@ def finetune_teacher(model: Scorer, train: CaptionSplit, val: Optional[CaptionSp
     grouping = NeighbourGrouping(train, group_size) if group_size > 1 else None
     dataset = TrainPairs(train, {"model": model.image_transform(train=True)})
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, warmup=0.05, device=device, seed=seed,
-                         progress=progress, desc="teacher", save_every=50, log_every=10, max_steps=max_steps)
+                         progress=progress, desc="teacher", save_every=50, log_every=10, max_steps=max_steps,
+                         precision=precision)
 
     def validate(module: RetrievalFinetuning) -> Dict[str, float]:
         return retrieval.evaluate(module.model, val, device=device, progress=False)
@@ -146,14 +147,33 @@ def finetune_teacher(model: Scorer, train: CaptionSplit, val: Optional[CaptionSp
     return trainer.fit(resume=True)
 
 
-def teacher_dir(family: str, train: CaptionSplit, overrides: Optional[Dict[str, Any]] = None) -> Path:
-    """Where the embedded teacher of ``family`` for this data set lives (one per data set build, and one per
-    set of config overrides, so trying an override never clears the default teacher)."""
+def teacher_dir(family: str, train: CaptionSplit, overrides: Optional[Dict[str, Any]] = None,
+                precision: str = "fp32") -> Path:
+    """Where the embedded teacher of ``family`` for this data set lives (one per data set build, one per set of
+    config overrides and one per training precision, so trying either never clears the default teacher)."""
     source = Path(str(train.source))
     suffix = ""
     if overrides:
         suffix = "-" + hashlib.sha1(json.dumps(overrides, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    if precision != "fp32":
+        suffix += f"-{precision}"
     return dcd_home() / "teachers" / f"{family}-{source.parent.name}{suffix}"
+
+
+def embedded_recipe(family: str, overrides: Optional[Dict[str, Any]] = None, precision: str = "fp32") -> Dict[str, Any]:
+    """The training recipe of the embedded ``family`` teacher with ``--teacher-config`` overrides and the training
+    precision applied: what its folder's ``recipe.json`` must hold for it to be reused."""
+    if family not in EMBEDDED_TEACHERS:
+        raise ValueError(f"no embedded recipe for teacher {family!r}; known: {sorted(EMBEDDED_TEACHERS)} "
+                         "(bring a checkpoint with --teacher-checkpoint)")
+    recipe = EMBEDDED_TEACHERS[family]
+    if overrides:
+        training = {k: v for k, v in overrides.items() if k in TRAINING_KEYS}
+        model = {k: v for k, v in overrides.items() if k not in TRAINING_KEYS}
+        recipe = {**recipe, **training, "overrides": {**recipe["overrides"], **model}}
+    if precision != "fp32":  # part of its identity; an fp32 teacher keeps the recipe it was stored under
+        recipe = {**recipe, "precision": precision}
+    return recipe
 
 
 def rename_stored_preset(directory: Path, family: str, recipe: Dict[str, Any]) -> None:
@@ -183,24 +203,33 @@ def rename_stored_preset(directory: Path, family: str, recipe: Dict[str, Any]) -
         torch.distributed.barrier()
 
 
+def find_embedded_teacher(family: str, train: CaptionSplit) -> Optional[Path]:
+    """The folder of a trained embedded ``family`` teacher made by the current recipe, or None: the one ``make
+    distill`` trains on this machine (``--precision auto``), else one trained in fp32. Never trains one."""
+    from teachers.precision import plan
+
+    for precision in dict.fromkeys((plan("auto", "cpu").cross, "fp32")):
+        directory, expected = teacher_dir(family, train, precision=precision), embedded_recipe(family, precision=precision)
+        rename_stored_preset(directory, family, expected)  # cached under a preset's old name
+        recipe = directory / RECIPE_NAME
+        if (directory / "teacher.json").is_file() and recipe.is_file() and \
+                json.loads(recipe.read_text()) == json.loads(json.dumps(expected)):
+            return directory
+    return None
+
+
 def embedded_teacher(family: str, train: CaptionSplit, device: str = "cpu", progress: bool = True,
                      evaluate_on: Optional[CaptionSplit] = None,
-                     overrides: Optional[Dict[str, Any]] = None) -> Tuple[Scorer, Dict[str, Any]]:
+                     overrides: Optional[Dict[str, Any]] = None,
+                     precision: str = "fp32") -> Tuple[Scorer, Dict[str, Any]]:
     """The embedded default's teacher of ``family``: trained once, then loaded from disk.
 
     ``overrides`` (``--teacher-config key=value``) change the training recipe (:data:`TRAINING_KEYS`, e.g.
     ``max_steps=3200``) or the preset's config (any other key, e.g. ``num_fusion_layers=3``); such a teacher is
-    trained and kept in a folder of its own.
+    trained and kept in a folder of its own, as is one trained at another ``precision`` (fp32 / bf16 autocast).
     """
-    if family not in EMBEDDED_TEACHERS:
-        raise ValueError(f"no embedded recipe for teacher {family!r}; known: {sorted(EMBEDDED_TEACHERS)} "
-                         "(bring a checkpoint with --teacher-checkpoint)")
-    recipe = EMBEDDED_TEACHERS[family]
-    if overrides:
-        training = {k: v for k, v in overrides.items() if k in TRAINING_KEYS}
-        model = {k: v for k, v in overrides.items() if k not in TRAINING_KEYS}
-        recipe = {**recipe, **training, "overrides": {**recipe["overrides"], **model}}
-    directory = teacher_dir(family, train, overrides)
+    recipe = embedded_recipe(family, overrides, precision)
+    directory = teacher_dir(family, train, overrides, precision)
     weights, info_path = directory / "model", directory / "teacher.json"
     rename_stored_preset(directory, family, recipe)
     # a teacher trained (or half-trained) by another recipe is cleared, never reused or resumed
@@ -212,8 +241,9 @@ def embedded_teacher(family: str, train: CaptionSplit, device: str = "cpu", prog
     model = teachers.create_model(family, preset=recipe["preset"], **recipe.get("pretrained", {}), **recipe["overrides"])
     history = finetune_teacher(model, train, None, directory / "training", epochs=recipe["epochs"], lr=recipe["lr"],
                      max_steps=recipe["max_steps"], device=device, progress=progress,
-                     group_size=recipe.get("group_size", 1))
-    info: Dict[str, Any] = {"family": family, "preset": recipe["preset"], "train_seconds": seconds_trained(history),
+                     group_size=recipe.get("group_size", 1), precision=precision)
+    info: Dict[str, Any] = {"family": family, "preset": recipe["preset"], "precision": precision,
+                            "train_seconds": seconds_trained(history),
                             "steps": recipe["max_steps"], "lr": recipe["lr"], "path": str(weights)}
     if evaluate_on is not None:
         info[evaluate_on.name] = retrieval.evaluate(model, evaluate_on, device=device, progress=False)

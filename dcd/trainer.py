@@ -1,7 +1,8 @@
 """A small, exact-resume training loop for anything whose ``forward(batch)`` returns ``{"loss": ...}``.
 
 It trains the ``Distiller`` (DCD student), the undistilled baseline and the embedded teacher alike:
-AdamW with warm-up then linear decay, gradient accumulation, mixed precision on CUDA, tqdm progress,
+AdamW with warm-up then linear decay, gradient accumulation, mixed precision (bf16 autocast on CUDA and on
+CPUs with bf16 units, fp16 on CUDA), tqdm progress,
 a JSON-lines metrics log, evaluation every epoch, and atomic checkpoints (every ``save_every`` steps
 and at each epoch end) holding optimiser, schedule, RNG state and data position, so a run killed at
 any moment continues with ``resume=True`` on the very batch where it stopped, in the same order.
@@ -27,6 +28,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
+from teachers.precision import autocast, choose
+
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -42,7 +45,7 @@ class TrainConfig:
     grad_accum: int = 1
     grad_clip: float = 1.0
     max_steps: Optional[int] = None  # stop early (optimiser steps), e.g. for a time budget
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast; CUDA only)
+    precision: str = "auto"  # auto (bf16 where bf16 is fast: teachers.precision) | fp32 | bf16 | fp16 (CUDA)
     seed: int = 0
     num_workers: int = 0
     save_every: int = 200  # optimiser steps between checkpoints (and one at every epoch end)
@@ -95,13 +98,6 @@ def is_main_process() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def _autocast(device: torch.device, precision: str):
-    if device.type != "cuda" or precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-    return torch.autocast("cuda", dtype=dtype)
-
-
 def _param_groups(params: List[nn.Parameter], names: List[str], weight_decay: float):
     decay = [p for p, n in zip(params, names) if p.ndim >= 2 and "embeddings" not in n]
     no_decay = [p for p, n in zip(params, names) if not (p.ndim >= 2 and "embeddings" not in n)]
@@ -135,9 +131,8 @@ class Trainer:
         self.device = torch.device(config.device)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
-        self.precision = config.precision
-        if self.precision == "auto":
-            self.precision = "bf16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        # callers that know what they train pass the plan's choice (teachers.precision.PrecisionPlan.training)
+        self.precision = choose(config.precision, self.device, "dual")
 
         self.module.to(self.device)
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
@@ -270,7 +265,7 @@ class Trainer:
                 sync = contextlib.nullcontext() if last_micro or not isinstance(self.model, nn.parallel.DistributedDataParallel) \
                     else self.model.no_sync()
                 with sync:
-                    with _autocast(self.device, self.precision):
+                    with autocast(self.device, self.precision):
                         out = self.model(batch)
                     loss = out["loss"] / cfg.grad_accum
                     if not torch.isfinite(loss):

@@ -91,17 +91,23 @@ def build_towers(family: str, config: dict) -> Towers:
     return create_model(family, config=config).unimodal_towers()
 
 
-def as_teacher(obj: object) -> Teacher:
-    """Whatever a user passes as the teacher -> a frozen ``Teacher``."""
-    if isinstance(obj, Teacher):
-        return obj
+def as_teacher(obj: object, precision: Optional[str] = None) -> Teacher:
+    """Whatever a user passes as the teacher -> a frozen ``Teacher``.
+
+    ``precision`` (``auto``, ``fp32``, ``bf16``, ``fp16``): what its passes compute in; None keeps a
+    ``Teacher``'s own and gives a new one ``auto`` (bf16 where bf16 is fast, :mod:`teachers.precision`).
+    A ``Teacher`` asked for another precision comes back as a new view of the same model.
+    """
+    if isinstance(obj, Teacher):  # another precision: a second view of the same model
+        return obj if precision is None or precision == obj.precision else Teacher(obj.model, precision)
+    precision = precision or "auto"
     if isinstance(obj, Scorer):
-        return Teacher(obj)
+        return Teacher(obj, precision)
     if isinstance(obj, str):
-        return create_teacher(obj)
+        return as_teacher(create_teacher(obj), precision)
     for cls in type(obj).__mro__:
         if cls in HOOKS:
-            return Teacher(HOOKS.get(cls)(obj))
+            return Teacher(HOOKS.get(cls)(obj), precision)
     raise TypeError(
         f"cannot use a {type(obj).__name__} as a teacher: pass a teachers.Scorer, a registered teacher "
         f"name ({', '.join(list_teachers())}), or register a hook with teachers.register_hook({type(obj).__name__})"

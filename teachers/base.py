@@ -256,11 +256,12 @@ class Teacher(Wrapper):
     is overridden so that a user's ``distiller.train()`` cannot switch dropout back on.
     """
 
-    def __init__(self, model: Scorer):
+    def __init__(self, model: Scorer, precision: str = "auto"):
         super().__init__()
         if isinstance(model, Teacher):
             model = model.model
         self.model = model
+        self.precision = precision  # what it scores in: "auto" (bf16 where it pays, teachers.precision) or fixed
         self.family = model.family
         self.fusion_frozen = getattr(model, "fusion_frozen", ())
         for p in self.model.parameters():
@@ -273,11 +274,39 @@ class Teacher(Wrapper):
     def unimodal_towers(self) -> Towers:
         return unimodal_towers(self.model)
 
-    # the wrapped model's own preprocessing and scoring (Wrapper), without gradients
-    encode_images = torch.no_grad()(Wrapper.encode_images)
-    encode_texts = torch.no_grad()(Wrapper.encode_texts)
-    score_feature_pairs = torch.no_grad()(Wrapper.score_feature_pairs)
-    score_features = torch.no_grad()(Wrapper.score_features)
+    @property
+    def scoring_precision(self) -> str:
+        """The precision its passes run at on its current device (``precision`` with ``auto`` resolved)."""
+        from .precision import choose
+
+        return choose(self.precision, self.device, "scoring")
+
+    def _frozen(self):
+        from .precision import autocast
+
+        return autocast(self.device, self.scoring_precision)
+
+    # the wrapped model's own preprocessing and scoring (Wrapper), without gradients, at the scoring precision;
+    # logits come back fp32 whatever it computed in
+    @torch.no_grad()
+    def encode_images(self, images: Inputs) -> Features:
+        with self._frozen():
+            return self.model.encode_images(images)
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Inputs) -> Features:
+        with self._frozen():
+            return self.model.encode_texts(texts)
+
+    @torch.no_grad()
+    def score_feature_pairs(self, image_features: Features, text_features: Features) -> Tensor:
+        with self._frozen():
+            return self.model.score_feature_pairs(image_features, text_features).float()
+
+    @torch.no_grad()
+    def score_features(self, image_features: Features, text_features: Features) -> Tensor:
+        with self._frozen():
+            return self.model.score_features(image_features, text_features).float()
 
 
 def unimodal_towers(model: nn.Module) -> Towers:

@@ -1,9 +1,15 @@
-"""Shared test set-up: small thread count (CI has 2 cores), deterministic seeds, offline hub."""
+"""Shared test set-up: small thread count (CI has 2 cores), deterministic seeds, offline hub, fp32.
+
+``--precision auto`` is bf16 on machines with bf16 units and fp32 elsewhere; tests pin the CPU to fp32
+(``DCD_CPU_BF16=0``) so that their exact comparisons mean the same on every machine, and the precision
+tests (tests/test_precision.py) ask for bf16 by name.
+"""
 import os
 import random
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ["DCD_CPU_BF16"] = "0"
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -227,8 +227,12 @@ def test_stage_identity_retrains_on_every_setting_that_changes_the_student(data_
     settings = _settings(data_json, tmp_path)
     student = pipeline.build_dual(settings, teacher)
     base = student_identity(student, teacher, settings, splits["train"])
-    assert student_identity(student, teacher, _settings(data_json, tmp_path, precision="fp32"),
-                            splits["train"]) != base
+    fp32, bf16 = (student_identity(student, teacher, _settings(data_json, tmp_path, precision=p), splits["train"])
+                  for p in ("fp32", "bf16"))
+    assert fp32 != bf16 and fp32["precision"]["training"] == "fp32" and bf16["precision"]["training"] == "bf16"
+    # what the teacher's scores were computed in, too: a bf16 teacher pass is not an fp32 one
+    assert student_identity(student, as_teacher(teacher, "bf16"), settings, splits["train"]) != \
+        student_identity(student, as_teacher(teacher, "fp32"), settings, splits["train"])
     torch.manual_seed(5)
     other_teacher = as_teacher(meter_preset("roberta32x1-vit32x2"))
     assert student_identity(student, other_teacher, settings, splits["train"]) != base

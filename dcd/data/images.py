@@ -15,8 +15,9 @@ import contextlib
 import logging
 import threading
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Mapping, Set, Union
+from typing import Callable, Dict, Iterator, Mapping, Optional, Set, Union
 
+import numpy as np
 from PIL import Image, ImageFile
 from torch.utils.data import Dataset
 
@@ -89,7 +90,11 @@ class TrainPairs(Dataset):
     ``DataLoader(num_workers > 0)`` each worker process keeps its own counts and warnings.
     """
 
-    def __init__(self, split, transforms: Transforms):
+    #: decoded images kept in memory (uint8 RGB), so that every epoch after the first skips file reads and
+    #: JPEG decoding; the embedded training set takes 18 MB, COCO at full size would not fit and reads on
+    memory_bytes: int = 2 << 30
+
+    def __init__(self, split, transforms: Transforms, memory_bytes: Optional[int] = None):
         if callable(transforms) and not isinstance(transforms, Mapping):
             transforms = {"image": transforms}
         if not transforms:
@@ -98,6 +103,10 @@ class TrainPairs(Dataset):
         self.transforms: Dict[str, Callable] = dict(transforms)
         self.skipped = 0
         self.bad_images: Set[int] = set()
+        if memory_bytes is not None:
+            self.memory_bytes = memory_bytes
+        self._decoded: Dict[int, np.ndarray] = {}
+        self._decoded_bytes = 0
 
     def __len__(self) -> int:
         return self.split.num_captions
@@ -105,12 +114,20 @@ class TrainPairs(Dataset):
     def _try_image(self, image_index: int):
         if image_index in self.bad_images:
             return None
+        pixels = self._decoded.get(image_index)
+        if pixels is not None:
+            return Image.fromarray(pixels)
         try:
-            return load_image(self.split.image_paths[image_index])
+            image = load_image(self.split.image_paths[image_index])
         except DataError as exc:
             self.bad_images.add(image_index)
             log.warning("skipping corrupt image %d of split %r: %s", image_index, self.split.name, exc)
             return None
+        pixels = np.asarray(image)
+        if self._decoded_bytes + pixels.nbytes <= self.memory_bytes:
+            self._decoded[image_index] = pixels
+            self._decoded_bytes += pixels.nbytes
+        return image
 
     def __getitem__(self, index: int) -> dict:
         n = len(self)

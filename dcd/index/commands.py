@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Optional, Tuple
 
 from .ann import INDEX_TYPES, AnnParams
@@ -160,28 +161,24 @@ def _reranker(args: argparse.Namespace) -> Tuple[Optional[object], Optional[str]
         return students.load_student(args.reranker).to(args.device), f"fusion student {args.reranker}"
     if args.reranker:
         raise SearchError("--reranker is for --rerank fusion; --rerank teacher takes --teacher / --teacher-checkpoint")
-    from ..cli import _load_model
+    import teachers
 
-    if not args.teacher_checkpoint:
-        _require_embedded_teacher(args.teacher, args.data, args.data_root)
-    spec = f"teacher:{args.teacher}" + (f":{args.teacher_checkpoint}" if args.teacher_checkpoint else "")
-    return _load_model(spec, args.data, args.data_root, args.device), f"{args.teacher} teacher"
+    checkpoint = args.teacher_checkpoint or _require_embedded_teacher(args.teacher, args.data, args.data_root) / "model"
+    return teachers.create_teacher(args.teacher, checkpoint=checkpoint).to(args.device), f"{args.teacher} teacher"
 
 
-def _require_embedded_teacher(family: str, data: str, data_root: Optional[str]) -> None:
-    """Search never trains a teacher: the embedded one must be there already, made by the current recipe."""
-    from ..checkpoint import RECIPE_NAME
+def _require_embedded_teacher(family: str, data: str, data_root: Optional[str]) -> Path:
+    """Search never trains a teacher: the embedded one must be there already, made by the current recipe.
+    Returns its folder."""
     from ..data import load_split
-    from ..teacher_training import EMBEDDED_TEACHERS, rename_stored_preset, teacher_dir
+    from ..teacher_training import EMBEDDED_TEACHERS, find_embedded_teacher, teacher_dir
     from .search import SearchError
 
     if family not in EMBEDDED_TEACHERS:
         raise SearchError(f"--teacher {family} has no embedded recipe: pass --teacher-checkpoint")
-    directory = teacher_dir(family, load_split(data, data_root, split="train"))
-    rename_stored_preset(directory, family, EMBEDDED_TEACHERS[family])  # cached under a preset's old name
-    recipe = directory / RECIPE_NAME
-    trained = (directory / "teacher.json").is_file() and recipe.is_file() and \
-        json.loads(recipe.read_text()) == json.loads(json.dumps(EMBEDDED_TEACHERS[family]))
-    if not trained:
-        raise SearchError(f"no trained embedded {family} teacher in {directory}: train it first (dcd teacher "
-                          f"--teacher {family}, or make distill TEACHER={family}) or pass --teacher-checkpoint")
+    train = load_split(data, data_root, split="train")
+    directory = find_embedded_teacher(family, train)
+    if directory is None:
+        raise SearchError(f"no trained embedded {family} teacher in {teacher_dir(family, train)}[-bf16]: train it first "
+                          f"(dcd teacher --teacher {family}, or make distill TEACHER={family}) or pass --teacher-checkpoint")
+    return directory

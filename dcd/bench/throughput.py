@@ -1,0 +1,276 @@
+"""What this machine's CPU (or GPU) gives each stage of dcd, in fp32 and bf16, and where a step's time goes.
+
+``python benchmarks/throughput.py`` (``make bench-throughput``) measures, in one process:
+
+* the matmul bound: GFLOP/s of a 2048x384 @ 384x1536 matmul in fp32 and bf16;
+* teacher scoring: pairs per second of the embedded METER teacher (the trained one when ``make distill``
+  has made it, else its architecture with random weights: the time is the same) in fp32 and under bf16
+  autocast, and how far the two agree on a subset of the validation split (top-1 in both directions,
+  largest logit difference, RSUM of each);
+* training steps: for each student stage of ``make distill`` (dual and fusion, baseline and DCD), the wall
+  time per optimiser step through the real training loop (data loading, collation, teacher, student,
+  checkpoints), against the student's own forward + backward + optimiser time on prepared batches, with
+  the step split into its parts (data, teacher scoring, student forward, backward, optimiser).
+
+Everything is written to ``<out>/throughput.json``. Time on a quiet machine: other jobs on the cores
+change every figure (the ratios less than the absolute times).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+
+import students
+import teachers
+from teachers.precision import autocast, bf16_is_fast, cpu_bf16_flags
+from teachers.precision import plan as precision_plan
+
+__all__ = ["main", "matmul_gflops", "scoring_throughput", "step_breakdown"]
+
+log = logging.getLogger(__name__)
+
+
+def matmul_gflops(dtype: torch.dtype, m: int = 2048, k: int = 384, n: int = 1536, repeats: int = 20) -> float:
+    """GFLOP/s of an ``m x k @ k x n`` matmul in ``dtype`` on the CPU: the bound the other figures sit under."""
+    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    for _ in range(3):
+        a @ b
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * m * k * n * repeats / (time.perf_counter() - started) / 1e9
+
+
+def _embedded_teacher_model(train):
+    """The trained embedded METER teacher if one is on disk, else its architecture with random weights."""
+    from dcd.teacher_training import EMBEDDED_TEACHERS, find_embedded_teacher
+
+    directory = find_embedded_teacher("meter", train)
+    if directory is not None:
+        return teachers.create_model("meter", checkpoint=directory / "model"), str(directory / "model")
+    recipe = EMBEDDED_TEACHERS["meter"]
+    torch.manual_seed(0)
+    model = teachers.create_model("meter", preset=recipe["preset"], **recipe.get("pretrained", {}), **recipe["overrides"])
+    return model, f"{recipe['preset']} (random weights: no trained embedded teacher found)"
+
+
+def _score(teacher, images: List[torch.Tensor], captions: Sequence[str]) -> torch.Tensor:
+    """``[n_images, n_captions]`` logits: each image and caption encoded once, then every pair fused."""
+    from teachers.base import to_device
+
+    pixels = to_device(teacher.collate_images(images), teacher.device)
+    texts = to_device(teacher.tokenize(list(captions)), teacher.device)
+    return teacher.score_features(teacher.encode_images(pixels), teacher.encode_texts(texts))
+
+
+def scoring_throughput(model, split, num_images: int, repeats: int = 2) -> Dict[str, Any]:
+    """Pairs/s of ``model`` in fp32 and bf16 on the first ``num_images`` images of ``split`` and their captions,
+    and the agreement of the two score matrices (which are the figures of the fastest repeat)."""
+    from dcd.retrieval import recall_at_k
+
+    transform = model.image_transform(False)
+    from dcd.data.images import load_image
+
+    images = [transform(load_image(split.image_paths[i])) for i in range(num_images)]
+    caption_image = split.caption_image_tensor()
+    chosen = (caption_image < num_images).nonzero().flatten()
+    captions = [split.captions[int(c)] for c in chosen]
+    out: Dict[str, Any] = {"images": num_images, "captions": len(captions), "pairs": num_images * len(captions)}
+    matrices = {}
+    for precision in ("fp32", "bf16"):
+        teacher = teachers.as_teacher(model, precision)
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            matrices[precision] = _score(teacher, images, captions)
+            times.append(time.perf_counter() - started)
+        out[f"{precision}_seconds"] = round(min(times), 3)
+        out[f"pairs_per_s_{precision}"] = round(out["pairs"] / min(times), 1)
+        out[f"rsum_{precision}"] = round(recall_at_k(matrices[precision], caption_image[chosen])["rsum"], 2)
+    out["bf16_over_fp32"] = round(out["pairs_per_s_bf16"] / out["pairs_per_s_fp32"], 2)
+    a, b = matrices["fp32"].float(), matrices["bf16"].float()
+    out["top1_agreement_i2t"] = round(float((a.argmax(1) == b.argmax(1)).float().mean()), 4)
+    out["top1_agreement_t2i"] = round(float((a.argmax(0) == b.argmax(0)).float().mean()), 4)
+    out["ranking_top1_agreement"] = round(min(out["top1_agreement_i2t"], out["top1_agreement_t2i"]), 4)
+    out["max_logit_difference"] = round(float((a - b).abs().max()), 5)
+    return out
+
+
+class _Clock:
+    """Seconds spent inside the wrapped methods of one object (the teacher's passes within a forward)."""
+
+    def __init__(self, obj, names: Sequence[str]):
+        self.seconds = 0.0
+        for name in names:
+            setattr(obj, name, self._timed(getattr(obj, name)))
+
+    def _timed(self, method: Callable) -> Callable:
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - started
+        return timed
+
+
+def step_breakdown(name: str, settings, splits, teacher, teacher_model, cache, steps: int,
+                   work_dir: Path) -> Dict[str, Any]:
+    """One student stage of ``make distill``: wall ms per step through the training loop, and its parts."""
+    from dcd.distiller import Distiller
+    from dcd.pipeline import build_dual, train_student
+    from dcd.report import read_metrics
+
+    kind, method = name.split("-")
+    use_teacher = method == "dcd"
+
+    def build():
+        if kind == "dual":
+            return build_dual(settings, teacher)
+        torch.manual_seed(settings.seed)
+        return students.create_student("fusion", teacher=teacher_model)
+
+    # 1. the real loop, as make distill runs it (steady state: first logged step to the last)
+    timed = replace_settings(settings, max_steps=steps)
+    train_student(name, build(), teacher if use_teacher else None, timed, splits, work_dir,
+                  cache if use_teacher else None)
+    logged = [r for r in read_metrics(work_dir / name / "metrics.jsonl") if "elapsed_s" in r]
+    first, last = logged[0], logged[-1]
+    step_ms = 1000 * (last["elapsed_s"] - first["elapsed_s"]) / (last["step"] - first["step"])
+
+    # 2. the same stage's parts, on batches of the same loader, prepared beforehand
+    student = build()
+    train = splits["train"]
+    distiller = Distiller(teacher if use_teacher else None, student,
+                          settings.dcd_config(use_teacher=use_teacher), train.captions, train.caption_image_tensor(),
+                          score_cache=cache if use_teacher else None)
+    if distiller.config.alpha_schedule != "constant":
+        distiller.config.total_steps = steps
+    from dcd.data import TrainPairs
+
+    dataset, collate = TrainPairs(train, distiller.transforms()), distiller.collate()
+    generator = torch.Generator().manual_seed(0)
+    batch_size = settings.budget().batch_size
+    started = time.perf_counter()
+    batches = [collate([dataset[int(i)] for i in torch.randint(len(dataset), (batch_size,), generator=generator)])
+               for _ in range(steps)]
+    data_ms = 1000 * (time.perf_counter() - started) / steps
+    optimizer = torch.optim.AdamW(distiller.trainable_parameters(), lr=1e-5)
+    precision = settings.precision_plan().training(kind)
+    clock = _Clock(distiller.teacher, ("encode_images", "encode_texts", "score_feature_pairs")) \
+        if use_teacher else None
+    parts = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+    distiller.train()
+    for index, batch in enumerate(batches):
+        if index == 2 and clock is not None:  # two warm-up steps, then count
+            clock.seconds = 0.0
+        marks = [time.perf_counter()]
+        with autocast(settings.device, precision):
+            loss = distiller(batch)["loss"]
+        marks.append(time.perf_counter())
+        loss.backward()
+        marks.append(time.perf_counter())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        marks.append(time.perf_counter())
+        if index >= 2:
+            for part, (a, b) in zip(parts, zip(marks, marks[1:])):
+                parts[part] += b - a
+    counted = steps - 2
+    teacher_ms = 1000 * clock.seconds / counted if clock is not None else 0.0
+    ms = {part: 1000 * seconds / counted for part, seconds in parts.items()}
+    student_model_ms = ms["forward"] - teacher_ms + ms["backward"] + ms["optimizer"]
+    return {
+        "precision": precision, "steps": steps,
+        "student_step_ms": round(step_ms, 1),
+        "student_model_ms": round(student_model_ms, 1),
+        "step_over_model": round(step_ms / student_model_ms, 2),
+        "parts_ms": {"data": round(data_ms, 1), "teacher": round(teacher_ms, 1),
+                     "student_forward": round(ms["forward"] - teacher_ms, 1), "backward": round(ms["backward"], 1),
+                     "optimizer": round(ms["optimizer"], 1)},
+    }
+
+
+def replace_settings(settings, **changes):
+    from dataclasses import replace
+
+    return replace(settings, **changes)
+
+
+def environment() -> Dict[str, Any]:
+    return {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
+            "cpu_bf16_flags": list(cpu_bf16_flags()), "bf16_is_fast": bf16_is_fast("cpu"),
+            "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="benchmarks/throughput.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="about a minute: fewer pairs and steps, dual stages only")
+    parser.add_argument("--out", default="benchmarks/results", help="folder of throughput.json")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
+    parser.add_argument("--images", type=int, help="validation images (and their captions) scored in each precision")
+    parser.add_argument("--steps", type=int, help="training steps timed per student stage")
+    parser.add_argument("--stages", help="comma-separated of dual-baseline,dual-dcd,fusion-baseline,fusion-dcd")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from dcd.pipeline import DistillSettings, load_data, teacher_score_cache
+
+    images = args.images or (30 if args.quick else 150)
+    steps = args.steps or (8 if args.quick else 30)
+    stages = (args.stages or ("dual-baseline,dual-dcd" if args.quick else
+                              "dual-baseline,dual-dcd,fusion-baseline,fusion-dcd")).split(",")
+    settings = DistillSettings(progress=False)
+    plan = settings.precision_plan()
+    results: Dict[str, Any] = {"environment": environment(), "precision_plan": plan.to_dict(),
+                               "command": "python benchmarks/throughput.py" + (" --quick" if args.quick else "")}
+    print(f"{results['environment']}\n{plan.describe()}")
+    matmul = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
+    results["matmul_gflops"] = {k: round(v, 1) for k, v in matmul.items()}
+    results["matmul_gflops"]["bf16_over_fp32"] = round(matmul["bf16"] / matmul["fp32"], 2)
+    print(f"matmul 2048x384 @ 384x1536: fp32 {matmul['fp32']:.0f} GFLOP/s, bf16 {matmul['bf16']:.0f} GFLOP/s")
+
+    splits = load_data(settings)
+    model, source = _embedded_teacher_model(splits["train"])
+    scoring = scoring_throughput(model, splits["val"], images)
+    scoring["teacher"] = source
+    results["scoring"] = scoring
+    results["scoring_pairs_per_s"] = {"fp32": scoring["pairs_per_s_fp32"], "bf16": scoring["pairs_per_s_bf16"],
+                                      "bf16_over_fp32": scoring["bf16_over_fp32"]}
+    results["ranking_top1_agreement"] = scoring["ranking_top1_agreement"]
+    print(f"teacher scoring ({source}), {scoring['pairs']:,} val pairs: fp32 {scoring['pairs_per_s_fp32']:,.0f} "
+          f"pairs/s, bf16 {scoring['pairs_per_s_bf16']:,.0f} pairs/s ({scoring['bf16_over_fp32']}x); top-1 agreement "
+          f"i2t {scoring['top1_agreement_i2t']:.3f}, t2i {scoring['top1_agreement_t2i']:.3f}; RSUM fp32 "
+          f"{scoring['rsum_fp32']} bf16 {scoring['rsum_bf16']}; max logit difference {scoring['max_logit_difference']}")
+
+    teacher = teachers.as_teacher(model, plan.scoring)
+    steps_out: Dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        cache = teacher_score_cache(teacher, settings, splits["train"], Path(scratch)) \
+            if any(s.endswith("-dcd") for s in stages) else None
+        for stage in stages:
+            steps_out[stage] = step_breakdown(stage, settings, splits, teacher, model, cache, steps, Path(scratch))
+            row = steps_out[stage]
+            print(f"{stage:16s} {row['precision']}: step {row['student_step_ms']:.0f} ms, student model "
+                  f"{row['student_model_ms']:.0f} ms (x{row['step_over_model']}); parts {row['parts_ms']}")
+    results["training_steps"] = steps_out
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from teachers.files import write_text
+
+    write_text(out / "throughput.json", json.dumps(results, indent=1) + "\n")
+    print(f"written: {out / 'throughput.json'}")
+    return results
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,122 @@
+"""Precision per stage: what ``auto`` chooses, that the choice is recorded and part of every identity,
+and that a bf16 teacher ranks like the fp32 one (on a tiny model; timings live in benchmarks/throughput.py)."""
+import json
+
+import pytest
+import torch
+
+import students
+import teachers
+from dcd import pipeline
+from dcd.data.synthetic import build_synthetic
+from dcd.data import load_karpathy
+from dcd.score_cache import TeacherScoreCache
+from dcd.score_matrices import cached_score_matrix
+from teachers.precision import autocast, bf16_is_fast, choose, plan
+
+
+def test_auto_follows_the_hardware(monkeypatch):
+    monkeypatch.setenv("DCD_CPU_BF16", "1")
+    assert bf16_is_fast("cpu") and plan("auto", "cpu").to_dict() == \
+        {"requested": "auto", "scoring": "bf16", "dual": "bf16", "cross": "bf16"}
+    monkeypatch.setenv("DCD_CPU_BF16", "0")
+    assert plan("auto", "cpu").to_dict() == {"requested": "auto", "scoring": "fp32", "dual": "fp32", "cross": "fp32"}
+    # a precision asked for by name is used as it is, on any hardware; fp16 needs CUDA
+    assert plan("bf16", "cpu").scoring == "bf16" and choose("fp32", "cpu", "scoring") == "fp32"
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        choose("fp16", "cpu", "dual")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        choose("half", "cpu", "dual")
+
+
+def test_teacher_scores_in_its_precision_and_returns_fp32():
+    torch.manual_seed(0)
+    model = teachers.create_model("meter", preset="roberta32x1-vit32x2")
+    fp32, bf16 = teachers.as_teacher(model, "fp32"), teachers.as_teacher(model, "bf16")
+    assert fp32.model is bf16.model and (fp32.scoring_precision, bf16.scoring_precision) == ("fp32", "bf16")
+    assert teachers.as_teacher(bf16) is bf16  # no precision asked: the view as it is
+    seen = []
+    hook = model.register_forward_hook(lambda module, args, out: seen.append(torch.is_autocast_enabled("cpu")))
+    images = model.collate_images([torch.randn(3, 32, 32) for _ in range(2)])
+    texts = model.tokenize(["a red circle", "a blue square left of a green cross"])
+    assert bf16.score(images, texts).dtype == torch.float32
+    hook.remove()
+
+
+def test_bf16_ranking_agrees_with_fp32_on_a_tiny_model(tmp_path):
+    """The claim behind ``auto``: bf16 teacher passes rank the candidates as fp32 ones do."""
+    torch.manual_seed(0)
+    model = teachers.create_model("meter", preset="roberta32x1-vit32x2", initializer_range=0.1)
+    split = load_karpathy(build_synthetic(tmp_path / "data", sizes=(8, 8, 24), image_size=32), split="test")
+    scores = {p: cached_score_matrix(teachers.as_teacher(model, p), split, tmp_path / "scores", progress=False)
+              for p in ("fp32", "bf16")}
+    a, b = scores["fp32"][0], scores["bf16"][0]
+    assert not torch.equal(a, b)  # bf16 really ran
+    # an untrained model's scores lie close together (its top-1 margins are within bf16's rounding), so the
+    # check is on the whole ranking: the two matrices order the pairs alike, and where fp32's top-1 leads by
+    # more than twice bf16's largest error, bf16 picks the same one. The trained teacher's top-1 agreement on
+    # the validation split is measured by benchmarks/throughput.py.
+    error = (a - b).abs().max()
+    assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] > 0.995
+    assert (a - b).abs().mean() < 0.1 * a.std()
+    for fp32, bf16 in ((a, b), (a.t(), b.t())):
+        top2 = fp32.topk(2, dim=1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 2 * error
+        assert torch.equal(fp32.argmax(1)[clear], bf16.argmax(1)[clear])
+    # both matrices are kept, each under a header that names its precision
+    assert sorted(p.name for p in (tmp_path / "scores").glob("*.npy")) == ["synthetic-test-bf16.npy", "synthetic-test.npy"]
+    assert json.loads((tmp_path / "scores" / "synthetic-test-bf16.json").read_text())["header"]["precision"] == "bf16"
+    assert "precision" not in scores["fp32"][1]["header"]  # fp32 caches keep the header they always had
+
+
+def test_a_score_cache_of_one_precision_is_never_served_as_the_other(tmp_path):
+    torch.manual_seed(0)
+    model = teachers.create_model("meter", preset="roberta32x1-vit32x2")
+    split = load_karpathy(build_synthetic(tmp_path / "data", sizes=(8, 2, 2), image_size=32), split="train")
+    bf16 = TeacherScoreCache.build(teachers.as_teacher(model, "bf16"), split, tmp_path / "cache", pool_size=4,
+                                   progress=False)
+    assert bf16.header["precision"] == "bf16"
+    fp32 = TeacherScoreCache.build(teachers.as_teacher(model, "fp32"), split, tmp_path / "cache", pool_size=4,
+                                   progress=False)
+    assert "precision" not in fp32.header and not torch.equal(torch.from_numpy(bf16.scores[:].copy()),
+                                                              torch.from_numpy(fp32.scores[:].copy()))
+
+
+def test_the_run_records_what_auto_chose(monkeypatch, tmp_path):
+    monkeypatch.setenv("DCD_CPU_BF16", "1")
+    settings = pipeline.DistillSettings(out=str(tmp_path))
+    recipe = settings.recipe()
+    assert recipe.precision == {"requested": "auto", "scoring": "bf16", "dual": "bf16", "cross": "bf16"}
+    assert recipe.identity("score_cache")["precision"] == "bf16" and recipe.identity("teacher")["precision"] == "bf16"
+    monkeypatch.setenv("DCD_CPU_BF16", "0")
+    assert pipeline.DistillSettings(out=str(tmp_path)).recipe().identity("student") != recipe.identity("student")
+
+
+def test_training_runs_under_the_chosen_autocast():
+    from dcd.trainer import TrainConfig, Trainer
+
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Linear(4, 1)
+
+        def forward(self, batch):
+            out = self.w(batch)
+            seen.append(out.dtype)
+            return {"loss": out.float().pow(2).mean()}
+
+    data = torch.randn(8, 4)
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        trainer = Trainer(Probe(), data, torch.stack, TrainConfig(batch_size=4, precision=precision, progress=False,
+                                                                  save_every=0), out_dir="/tmp/unused-probe")
+        assert trainer.precision == precision
+        seen.clear()
+        trainer.fit()
+        assert seen and set(seen) == {dtype}
+
+
+def test_autocast_refuses_an_unresolved_precision():
+    with pytest.raises(ValueError, match="resolve 'auto'"):
+        autocast("cpu", "auto")
