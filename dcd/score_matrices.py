@@ -31,8 +31,8 @@ from .score_cache import scoring_precision, teacher_fingerprint
 
 log = logging.getLogger(__name__)
 
-__all__ = ["cached_score_matrix", "metrics_from_matrix", "plateau_k", "rerank_curve", "rerank_with_matrix",
-           "stored_score_info"]
+__all__ = ["REFINE_TOP", "cached_score_matrix", "metrics_from_matrix", "plateau_k", "refine_top", "rerank_curve",
+           "rerank_with_matrix", "stored_score_info"]
 
 
 def _header(model: Scorer, split) -> Dict[str, Any]:
@@ -40,8 +40,42 @@ def _header(model: Scorer, split) -> Dict[str, Any]:
               "num_images": split.num_images, "num_captions": split.num_captions}
     precision = scoring_precision(model)
     if precision != "fp32":  # fp32 matrices keep the header they had before precision was recorded
-        header["precision"] = precision
+        header.update(precision=precision, fp32_refined_top=REFINE_TOP)
     return header
+
+
+#: a low-precision exhaustive pass re-scores in fp32 each image's and each caption's best this many
+REFINE_TOP = 16
+
+
+def refine_top(model: Scorer, scores: Tensor, images, captions: Sequence[str], top: int = REFINE_TOP,
+               device: str = "cpu") -> Tensor:
+    """``scores`` (of ``images`` x ``captions``, any input :func:`dcd.retrieval.encode_images` takes) with each
+    image's ``top`` best captions and each caption's ``top`` best images re-scored in fp32.
+
+    Why: bf16 moves a trained teacher's logits by up to ~0.1 (their spread is ~3), enough to swap near-ties,
+    and the embedded set is made of near-ties (binding twins): measured on 100 validation images, a plain bf16
+    pass kept the fp32 top-1 of 93 % of images and 97 % of captions. Recall@1/5/10 only read the top of each
+    list, so re-scoring its head in fp32 restores the fp32 ranking there; it costs ``top * (n_images +
+    n_texts)`` fp32 pairs, under a tenth of the pass.
+    """
+    import teachers
+    from teachers.base import concat
+
+    exact = teachers.as_teacher(model, "fp32")
+    n_img, n_txt = scores.shape
+    k_txt, k_img = min(top, n_txt), min(top, n_img)
+    rows = torch.cat([torch.arange(n_img).repeat_interleave(k_txt), scores.topk(k_img, dim=0).indices.t().reshape(-1)])
+    cols = torch.cat([scores.topk(k_txt, dim=1).indices.reshape(-1), torch.arange(n_txt).repeat_interleave(k_img)])
+    pairs = torch.unique(rows * n_txt + cols)
+    rows, cols = pairs // n_txt, pairs % n_txt
+    with torch.inference_mode():
+        image_features = concat(retrieval.encode_images(exact, images, 64, device))
+        text_features = concat(retrieval.encode_texts(exact, list(captions), 256, device))
+        refined = exact.score_index_pairs(image_features, text_features, rows.to(device), cols.to(device)).float().cpu()
+    scores = scores.clone()
+    scores[rows, cols] = refined
+    return scores
 
 
 def _stem(model: Scorer, split) -> str:
@@ -84,6 +118,9 @@ def cached_score_matrix(model: Scorer, split, directory: str | Path, device: str
     try:
         scores = retrieval.score_matrix(model, retrieval._eval_images(model, split, 64, 0), split.captions,
                                         device=device, progress=progress)
+        if "fp32_refined_top" in header:
+            scores = refine_top(model, scores, retrieval._eval_images(model, split, 64, 0), split.captions,
+                                header["fp32_refined_top"], device)
     finally:
         model.train(was_training)
     elapsed = time.perf_counter() - started

@@ -211,6 +211,18 @@ def test_quick_run_end_to_end(latency, tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
+def test_quick_run_times_every_strategy_in_each_precision(latency, tmp_path):
+    latency.main(["--device", "cpu", "--quick", "--teacher", "meter", "--dataset", "flickr30k", "--precision",
+                  "fp32,bf16", "--repeats", "1", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "latency.json").read_text())
+    assert report["settings"]["precision"] == ["fp32", "bf16"]
+    assert [(r["teacher"], r["precision"]) for r in report["results"]] == [("meter", "fp32"), ("meter", "bf16")]
+    assert all(len(r["rows"]) == 6 for r in report["results"])
+    assert set(report["teachers"]) == {"meter fp32", "meter bf16"} and set(report["curves"]) == set(report["teachers"])
+    with pytest.raises(SystemExit, match="fp16 needs --device cuda"):
+        latency.main(["--device", "cpu", "--quick", "--precision", "fp16", "--out", str(tmp_path)])
+
+
 def test_vilt_teacher_cost_sizes_bracket_the_dual_student(capsys, monkeypatch):
     """The two ViLT sizes the issue-12 note cites: the embedded one below the 14.3 M dual student, the
     MiniLM-size one above it; the script prints a finite rate for each."""

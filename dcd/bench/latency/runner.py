@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import datetime
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from dataclasses import replace
+from typing import Dict, List, Optional, Sequence
 
 import teachers
 from teachers.files import write_json
@@ -26,14 +27,13 @@ def run(args: argparse.Namespace) -> Dict:
     families = teachers.list_teachers() if args.teacher == "all" else [args.teacher]
     datasets = ["flickr30k", "coco"] if args.dataset == "all" else [args.dataset]
     student_ckpts = resolve_student_checkpoints(args.student_checkpoint, families)
-    bench = Bench(settings)
     out_dir = Path(args.out)
     log(f"latency benchmark on {device_name(settings)}, batch {settings.batch_size}, "
         f"{settings.warmup} warm-up + {settings.repeats} timed calls per stage{' (quick)' if settings.quick else ''}")
 
     report: Dict = {
         "settings": {
-            "device": str(settings.device), "precision": settings.precision, "batch_size": settings.batch_size,
+            "device": str(settings.device), "precision": list(settings.precisions), "batch_size": settings.batch_size,
             "repeats": settings.repeats, "warmup": settings.warmup, "k": settings.k, "quick": settings.quick,
             "full": settings.full, "full_dual_encoding": settings.full_dual,
         },
@@ -48,12 +48,37 @@ def run(args: argparse.Namespace) -> Dict:
         "teachers": {},
         "results": [],
     }
-    printed = []
+    printed: List[str] = []
+    plot_costs: Dict[str, Dict] = {}
+    for precision in settings.precisions:  # every strategy timed at each precision, one after the other
+        plot_costs.update(_run_precision(replace(settings, precision=precision), families, datasets, student_ckpts,
+                                         args, report, printed))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png = plot_curves(plot_costs, out_dir / "latency_vs_corpus.png", settings.k)
+    report["curves"] = {
+        f: {"n_images": [10 ** (2 + i / 4) for i in range(17)],
+            **{s: [modelled_seconds(s, plot_costs[f]["costs"], 10 ** (2 + i / 4), 5 * 10 ** (2 + i / 4), settings.k)
+                   for i in range(17)] for s in STRATEGIES}}
+        for f in plot_costs
+    }
+    write_json(out_dir / "latency.json", report, sort_keys=False, newline=False)
+    print(f"\nper query: a new query against a pre-encoded gallery. '{BASELINE}' is the speed-up baseline.\n"
+          f"wrote {out_dir / 'latency.json'} and {png}", flush=True)
+    return report
+
+
+def _run_precision(settings, families, datasets, student_ckpts, args, report: Dict, printed: List[str]) -> Dict[str, Dict]:
+    """Every family and data set at ``settings.precision``; rows go into ``report``, tables into ``printed``.
+    Returns the per-unit costs for the plot, keyed by family (and precision when the run times several)."""
+    bench = Bench(settings)
+    several = len(settings.precisions) > 1
+    plot_costs: Dict[str, Dict] = {}
     for family in families:
         models = build_models(family, settings, args.teacher_checkpoint, student_ckpts.get(family, {}))
         log(f"[{family}] " + "; ".join(f"{k}: {v}" for k, v in models.notes.items()))
         costs = measure_costs(models, bench)
-        report["teachers"][family] = {
+        key = f"{family} {settings.precision}" if several else family
+        report["teachers"][key] = {
             "models": models.notes,
             "costs": {name: c.to_json() for name, c in costs.items()},
             "device": device_name(settings),
@@ -72,7 +97,8 @@ def run(args: argparse.Namespace) -> Dict:
             rows = [strategy_row(s, costs, full, wl, settings.k) for s in STRATEGIES]
             add_speedups(rows)
             report["results"].append({
-                "teacher": family, "dataset": name, "workload": wl.name, "n_images": wl.n_images,
+                "teacher": family, "precision": settings.precision, "dataset": name, "workload": wl.name,
+                "n_images": wl.n_images,
                 "n_texts": wl.n_texts, "k": settings.k, "rows": rows,
             })
             title = (f"\n{family} teacher, {wl.name} ({wl.n_images:,} images x {wl.n_texts:,} captions, "
@@ -80,23 +106,10 @@ def run(args: argparse.Namespace) -> Dict:
             printed.append(format_table(title, rows))
             print(printed[-1], flush=True)
         # the plot's similarity cost per pair: from the largest workload measured
-        report["teachers"][family]["costs"]["similarity"] = costs["similarity"].to_json()
-        report["teachers"][family]["_costs"] = costs
+        report["teachers"][key]["costs"]["similarity"] = costs["similarity"].to_json()
+        plot_costs[key] = {"costs": costs, "device": report["teachers"][key]["device"]}
         del models
-    plot_costs = {f: {"costs": report["teachers"][f].pop("_costs"), "device": report["teachers"][f]["device"]}
-                  for f in families}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    png = plot_curves(plot_costs, out_dir / "latency_vs_corpus.png", settings.k)
-    report["curves"] = {
-        f: {"n_images": [10 ** (2 + i / 4) for i in range(17)],
-            **{s: [modelled_seconds(s, plot_costs[f]["costs"], 10 ** (2 + i / 4), 5 * 10 ** (2 + i / 4), settings.k)
-                   for i in range(17)] for s in STRATEGIES}}
-        for f in families
-    }
-    write_json(out_dir / "latency.json", report, sort_keys=False, newline=False)
-    print(f"\nper query: a new query against a pre-encoded gallery. '{BASELINE}' is the speed-up baseline.\n"
-          f"wrote {out_dir / 'latency.json'} and {png}", flush=True)
-    return report
+    return plot_costs
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -24,7 +24,8 @@ def log(message: str) -> None:
 @dataclass
 class Settings:
     device: torch.device
-    precision: str
+    precision: str  # the one being timed
+    precisions: Tuple[str, ...]  # every one the run times, in turn
     batch_size: int
     repeats: int
     warmup: int
@@ -55,8 +56,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         help="a saved student (dir with config.json, family 'dual' or 'fusion'), or a run directory holding "
              "several; repeatable. Without one, students are built at their real sizes with random weights",
     )
-    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default=None,
-                   help="autocast precision; default fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--precision", default=None, metavar="P[,P]",
+                   help="autocast precision(s) to time, comma-separated of fp32, bf16, fp16; default: fp16 on CUDA, "
+                        "fp32 and bf16 on a CPU with bf16 units (AMX / AVX512-BF16), fp32 on other CPUs")
     p.add_argument("--k", type=int, default=16, help="re-ranking depth: candidates per query from the dual student")
     p.add_argument("--batch-size", type=int, default=None,
                    help="items or pairs per call, the same for every model (default: 64 CUDA, 8 CPU, 4 --quick)")
@@ -76,7 +78,15 @@ def make_settings(args: argparse.Namespace) -> Settings:
         raise BenchError("--device cuda was requested but CUDA is not available on this machine; use --device cpu")
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    precision = args.precision or ("fp16" if cuda else "fp32")
+    from teachers.precision import bf16_is_fast
+
+    default = "fp16" if cuda else "fp32,bf16" if bf16_is_fast(device) else "fp32"
+    precisions = tuple(p.strip() for p in (args.precision or default).split(",") if p.strip())
+    unknown = [p for p in precisions if p not in ("fp32", "bf16", "fp16")]
+    if unknown or not precisions:
+        raise BenchError(f"--precision takes fp32, bf16 or fp16 (comma-separated), got {args.precision!r}")
+    if "fp16" in precisions and not cuda:
+        raise BenchError("--precision fp16 needs --device cuda; on a CPU use fp32 or bf16")
     batch = args.batch_size or (64 if cuda else 4 if args.quick else 8)
     repeats = args.repeats or (10 if cuda else 2 if args.quick else 3)
     warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
@@ -92,6 +102,6 @@ def make_settings(args: argparse.Namespace) -> Settings:
         raise BenchError("--teacher-checkpoint needs one teacher family: add "
                          + " or ".join(f"--teacher {f}" for f in teachers.list_teachers()))
     return Settings(
-        device=device, precision=precision, batch_size=batch, repeats=repeats, warmup=warmup, k=args.k,
+        device=device, precision=precisions[0], precisions=precisions, batch_size=batch, repeats=repeats, warmup=warmup, k=args.k,
         quick=args.quick, full=args.full, sim_chunk=2048 if cuda else 512,
     )
