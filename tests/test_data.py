@@ -1,6 +1,7 @@
 """Data loading: Karpathy and COCO formats, split selection, clear errors, safe image decoding, datasets."""
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -278,6 +279,23 @@ def test_train_pairs_skip_corrupt_image_once(karpathy, caplog):
     assert all(items[i]["caption_index"] == 10 and items[i]["image_index"] == 2 for i in range(6, 10))
     assert [it["caption_index"] for it in items[:10]] == [it["caption_index"] for it in items[len(data):len(data) + 10]]
     assert set(items[0]["images"]) == {"image"}
+
+
+def test_train_pairs_decode_each_image_once_within_the_memory_budget(karpathy, tmp_path):
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(Path(karpathy).parent, root)
+    split = load_karpathy(root / Path(karpathy).name, split="test")
+    data = TrainPairs(split, FakeModel(4, 0).image_transform(False))
+    first = data[0]["images"]["image"]
+    for path in split.image_paths:  # every later epoch reads memory, not the files
+        Path(path).unlink()
+    assert torch.equal(data[0]["images"]["image"], first) and data[1]["image_index"] == 0
+    # a budget too small for one image keeps nothing: the file is read every time
+    small = TrainPairs(load_karpathy(karpathy, split="test"), FakeModel(4, 0).image_transform(False), memory_bytes=10)
+    small[0]
+    assert small._decoded == {}
 
 
 def test_eval_images_raise_on_corrupt_image(karpathy):

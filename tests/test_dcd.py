@@ -170,6 +170,27 @@ def test_teacher_bit_identical_and_only_student_trains(tiny_split, student):
     assert set(out["weights"]) == {"i2t", "t2i"} and out["weights"]["i2t"].shape == (2, 6)
 
 
+@pytest.mark.parametrize("student", ["dual", "fusion"])
+def test_batch_captions_are_encoded_once_among_the_candidates(tiny_split, student):
+    """A positive is also a candidate of its own image: its features are reused, and the scores are the same."""
+    _, model, distiller = _setup(tiny_split, student)
+    distiller.eval()
+    batch = _batch(distiller, tiny_split)
+    encoded = []
+    encode = model.encode_texts
+    model.encode_texts = lambda texts: encoded.append(len(texts["input_ids"])) or encode(texts)
+    with torch.no_grad():
+        images = model.encode_images(batch["images"]["student"])
+        known = model.encode_texts(batch["texts"]["student"])
+        candidates = torch.cat([batch["caption_index"][:, None], torch.tensor([[1, 2]] * 6)], dim=1)
+        encoded.clear()
+        reused = distiller._score_captions(model, images, candidates, batch["caption_index"], known)
+        assert encoded == [2]  # only the two captions the batch does not hold
+        fresh = distiller._score_captions(model, images, candidates)
+    assert encoded == [2, len(candidates.unique())]
+    assert torch.allclose(reused, fresh, atol=1e-5)
+
+
 def test_distiller_directions_and_baseline(tiny_split):
     _, _, distiller = _setup(tiny_split, directions=("t2i",))
     out = distiller(_batch(distiller, tiny_split))

@@ -9,7 +9,7 @@ import students
 import teachers
 from dcd import pipeline
 from dcd.data.synthetic import build_synthetic
-from dcd.data import load_karpathy
+from dcd.data import load_image, load_karpathy
 from dcd.score_cache import TeacherScoreCache
 from dcd.score_matrices import cached_score_matrix
 from teachers.precision import autocast, bf16_is_fast, choose, plan
@@ -63,6 +63,17 @@ def test_bf16_ranking_agrees_with_fp32_on_a_tiny_model(tmp_path):
         top2 = fp32.topk(2, dim=1).values
         clear = (top2[:, 0] - top2[:, 1]) > 2 * error
         assert torch.equal(fp32.argmax(1)[clear], bf16.argmax(1)[clear])
+    # the refine: every list's head holds exact fp32 scores, so the fp32 top-1 is kept everywhere
+    from dcd.score_matrices import refine_top
+
+    assert scores["bf16"][1]["header"]["fp32_refined_top"] == 16
+    pixels = model.collate_images([model.image_transform()(load_image(p)) for p in split.image_paths])
+    bf16_view = teachers.as_teacher(model, "bf16")
+    plain = bf16_view.score(pixels, model.tokenize(split.captions))
+    refined = refine_top(bf16_view, plain, pixels, split.captions, top=3)
+    head = plain.topk(3, dim=1).indices
+    assert torch.allclose(refined.gather(1, head), a.gather(1, head), atol=1e-5)
+    assert not torch.allclose(plain.gather(1, head), a.gather(1, head), atol=1e-5)
     # both matrices are kept, each under a header that names its precision
     assert sorted(p.name for p in (tmp_path / "scores").glob("*.npy")) == ["synthetic-test-bf16.npy", "synthetic-test.npy"]
     assert json.loads((tmp_path / "scores" / "synthetic-test-bf16.json").read_text())["header"]["precision"] == "bf16"

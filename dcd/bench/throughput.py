@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -256,6 +257,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--images", type=int, help="validation images (and their captions) scored in each precision")
     parser.add_argument("--steps", type=int, help="training steps timed per student stage")
     parser.add_argument("--stages", help="comma-separated of dual-baseline,dual-dcd,fusion-baseline,fusion-dcd")
+    parser.add_argument("--compare-fp32", action="store_true",
+                        help="also time every training stage in fp32 (training_steps_fp32 in the JSON)")
     parser.add_argument("--exhaustive", default="", metavar="SPLITS",
                         help="also score these whole splits (e.g. test, or val,test) with the trained embedded teacher "
                              "in fp32 and in bf16 (+ fp32 refine), cached beside it as make distill caches them; "
@@ -273,7 +276,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     settings = DistillSettings(progress=False)
     plan = settings.precision_plan()
     results: Dict[str, Any] = {"environment": environment(), "precision_plan": plan.to_dict(),
-                               "command": "python benchmarks/throughput.py" + (" --quick" if args.quick else "")}
+                               "command": " ".join(["python benchmarks/throughput.py", *(argv if argv is not None
+                                                                                           else sys.argv[1:])])}
     print(f"{results['environment']}\n{plan.describe()}")
     matmul = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
     results["matmul_gflops"] = {k: round(v, 1) for k, v in matmul.items()}
@@ -300,17 +304,20 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     for split_name in filter(None, args.exhaustive.split(",")):
         results.setdefault("exhaustive", {})[split_name] = exhaustive_agreement(model, source, splits, split_name)
 
-    teacher = teachers.as_teacher(model, plan.scoring)
-    steps_out: Dict[str, Any] = {}
+    teacher = teachers.as_teacher(model, plan.scoring)  # the teacher's passes stay at the plan's scoring precision
     with tempfile.TemporaryDirectory() as scratch:
         cache = teacher_score_cache(teacher, settings, splits["train"], Path(scratch)) \
             if any(s.endswith("-dcd") for s in stages) else None
-        for stage in stages:
-            steps_out[stage] = step_breakdown(stage, settings, splits, teacher, model, cache, steps, Path(scratch))
-            row = steps_out[stage]
-            print(f"{stage:16s} {row['precision']}: step {row['student_step_ms']:.0f} ms, student model "
-                  f"{row['student_model_ms']:.0f} ms (x{row['step_over_model']}); parts {row['parts_ms']}")
-    results["training_steps"] = steps_out
+        runs = [("training_steps", settings)]
+        if args.compare_fp32 and "bf16" in (plan.dual, plan.cross):  # the same stages with fp32 training
+            runs.append(("training_steps_fp32", replace_settings(settings, precision="fp32")))
+        for key, run_settings in runs:
+            work = Path(scratch) / key
+            for stage in stages:
+                row = step_breakdown(stage, run_settings, splits, teacher, model, cache, steps, work)
+                results.setdefault(key, {})[stage] = row
+                print(f"{stage:16s} {row['precision']}: step {row['student_step_ms']:.0f} ms, student model "
+                      f"{row['student_model_ms']:.0f} ms (x{row['step_over_model']}); parts {row['parts_ms']}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from teachers.files import write_text
