@@ -131,3 +131,39 @@ def test_training_runs_under_the_chosen_autocast():
 def test_autocast_refuses_an_unresolved_precision():
     with pytest.raises(ValueError, match="resolve 'auto'"):
         autocast("cpu", "auto")
+
+
+def test_a_bf16_teacher_has_its_own_folder_and_is_found(unit_teacher_recipe, monkeypatch, tmp_path):
+    from dcd import teacher_training
+
+    unit_teacher_recipe(max_steps=1)
+    train = load_karpathy(build_synthetic(tmp_path / "data", sizes=(8, 2, 2), image_size=32), split="train")
+    _, info = teacher_training.embedded_teacher("meter", train, progress=False, precision="bf16")
+    directory = teacher_training.teacher_dir("meter", train, precision="bf16")
+    assert info["precision"] == "bf16" and directory.name.endswith("-bf16") and (directory / "model").is_dir()
+    assert json.loads((directory / "recipe.json").read_text())["precision"] == "bf16"
+    monkeypatch.setenv("DCD_CPU_BF16", "1")  # what make distill trains here: found, never trained by a search
+    assert teacher_training.find_embedded_teacher("meter", train) == directory
+    monkeypatch.setenv("DCD_CPU_BF16", "0")  # an fp32 machine looks for the fp32 one, which was never trained
+    assert teacher_training.find_embedded_teacher("meter", train) is None
+    assert not teacher_training.teacher_dir("meter", train).exists()  # and the bf16 one cleared nothing
+
+
+@pytest.mark.slow
+def test_throughput_benchmark_writes_its_figures(monkeypatch, tmp_path):
+    """benchmarks/throughput.py end to end at the smallest size (timings are its output, never asserted)."""
+    from dcd.bench import throughput
+
+    monkeypatch.setenv("DCD_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DCD_CPU_BF16", "1")
+    results = throughput.main(["--images", "3", "--steps", "10", "--stages", "dual-baseline", "--compare-fp32",
+                               "--out", str(tmp_path / "out")])
+    written = json.loads((tmp_path / "out" / "throughput.json").read_text())
+    assert written["precision_plan"]["scoring"] == "bf16" and "random weights" in written["scoring"]["teacher"]
+    assert written["scoring_pairs_per_s"]["fp32"] > 0 and written["scoring_pairs_per_s"]["bf16"] > 0
+    assert 0 <= written["ranking_top1_agreement"] <= 1
+    for key, precision in (("training_steps", "bf16"), ("training_steps_fp32", "fp32")):
+        row = written[key]["dual-baseline"]
+        assert row["precision"] == precision and row["student_step_ms"] > 0 and row["student_model_ms"] > 0
+        assert set(row["parts_ms"]) == {"data", "teacher", "student_forward", "backward", "optimizer"}
+    assert results["command"].endswith("--out " + str(tmp_path / "out"))
