@@ -51,9 +51,8 @@ def _distill_options(p: argparse.ArgumentParser) -> None:
     t.add_argument("--lr", type=float)
     t.add_argument("--device", default=d.device, help="cpu | cuda | cuda:N")
     t.add_argument("--precision", default=d.precision, choices=("auto", "fp32", "bf16", "fp16"),
-                   help="what each stage computes in (auto: bf16 autocast where it pays on this device: teacher "
-                   "scoring and cross-encoder training on CUDA and on CPUs with AMX / AVX512-BF16, dual training on "
-                   "CUDA; fp32 elsewhere); printed and recorded in the run's recipe")
+                   help="what each stage computes in (auto: bf16 autocast for teacher scoring and for training on "
+                   "CUDA and on CPUs with AMX / AVX512-BF16, fp32 elsewhere); printed and recorded in the run's recipe")
     t.add_argument("--num-workers", type=int, default=d.num_workers, help="data loader processes")
     t.add_argument("--seed", type=int, default=d.seed)
     t.add_argument("--group-size", type=int, help="students' batches made of neighbour groups of this many images "
@@ -207,10 +206,7 @@ def _load_model(spec: str, data: str, data_root: Optional[str], device: str):
     from .data import load_split
     from .teacher_training import embedded_teacher
 
-    from teachers.precision import plan
-
-    model, _ = embedded_teacher(family, load_split(data, data_root, split="train"), device=device,
-                                precision=plan("auto", device).cross)
+    model, _ = embedded_teacher(family, load_split(data, data_root, split="train"), device=device)
     return teachers.as_teacher(model)
 
 
@@ -289,11 +285,8 @@ def _run(args: argparse.Namespace) -> int:
         from .teacher_training import embedded_teacher
 
         test = load_split(args.data, args.data_root, split="test")
-        from teachers.precision import plan
-
         model, info = embedded_teacher(args.teacher, load_split(args.data, args.data_root, split="train"),
-                                       device=args.device, overrides=parse_overrides(args.teacher_config),
-                                       precision=plan("auto", args.device).cross)
+                                       device=args.device, overrides=parse_overrides(args.teacher_config))
         # the exhaustive val and test scores, cached beside the teacher: students and ablations reuse them
         for split in (load_split(args.data, args.data_root, split="val"), test):
             _, scored = cached_score_matrix(as_teacher(model), split, Path(info["path"]).parent / "scores", args.device)

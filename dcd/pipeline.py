@@ -172,12 +172,11 @@ def load_teacher(settings: DistillSettings, splits: Dict[str, CaptionSplit]) -> 
     if settings.teacher_checkpoint:
         model = teachers.create_model(settings.teacher, checkpoint=settings.teacher_checkpoint, **settings.teacher_config)
         return model, {"source": settings.teacher_checkpoint}
-    plan = settings.precision_plan()
     if not settings.preset().trains_teacher:
         raise ValueError(f"--data {settings.data} needs --teacher-checkpoint (the fine-tuned {settings.teacher} "
                          "retrieval checkpoint); only the embedded data set has a teacher dcd can train itself")
     return embedded_teacher(settings.teacher, splits["train"], device=settings.device, progress=settings.progress,
-                            overrides=settings.teacher_config, precision=plan.cross)
+                            overrides=settings.teacher_config, precision=settings.precision)
 
 
 def setup_teacher(settings: DistillSettings, splits: Dict[str, CaptionSplit]) -> Tuple[Scorer, Dict[str, Any], Scorer]:

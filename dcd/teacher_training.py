@@ -203,6 +203,13 @@ def rename_stored_preset(directory: Path, family: str, recipe: Dict[str, Any]) -
         torch.distributed.barrier()
 
 
+def embedded_architecture(family: str, recipe: Optional[Dict[str, Any]] = None) -> Scorer:
+    """The embedded ``family`` teacher as its recipe builds it before training (pretrained parts loaded, the rest
+    initialised from the current RNG state)."""
+    recipe = recipe or EMBEDDED_TEACHERS[family]
+    return teachers.create_model(family, preset=recipe["preset"], **recipe.get("pretrained", {}), **recipe["overrides"])
+
+
 def find_embedded_teacher(family: str, train: CaptionSplit) -> Optional[Path]:
     """The folder of a trained embedded ``family`` teacher made by the current recipe, or None: the one ``make
     distill`` trains on this machine (``--precision auto``), else one trained in fp32. Never trains one."""
@@ -221,13 +228,17 @@ def find_embedded_teacher(family: str, train: CaptionSplit) -> Optional[Path]:
 def embedded_teacher(family: str, train: CaptionSplit, device: str = "cpu", progress: bool = True,
                      evaluate_on: Optional[CaptionSplit] = None,
                      overrides: Optional[Dict[str, Any]] = None,
-                     precision: str = "fp32") -> Tuple[Scorer, Dict[str, Any]]:
+                     precision: str = "auto") -> Tuple[Scorer, Dict[str, Any]]:
     """The embedded default's teacher of ``family``: trained once, then loaded from disk.
 
     ``overrides`` (``--teacher-config key=value``) change the training recipe (:data:`TRAINING_KEYS`, e.g.
     ``max_steps=3200``) or the preset's config (any other key, e.g. ``num_fusion_layers=3``); such a teacher is
-    trained and kept in a folder of its own, as is one trained at another ``precision`` (fp32 / bf16 autocast).
+    trained and kept in a folder of its own, as is one trained at another ``precision`` (fp32 / bf16 autocast;
+    ``auto``: what pays on ``device`` for a cross-encoder, :func:`teachers.precision.choose`).
     """
+    from teachers.precision import choose
+
+    precision = choose(precision, device, "cross")
     recipe = embedded_recipe(family, overrides, precision)
     directory = teacher_dir(family, train, overrides, precision)
     weights, info_path = directory / "model", directory / "teacher.json"
@@ -238,7 +249,7 @@ def embedded_teacher(family: str, train: CaptionSplit, device: str = "cpu", prog
         model = teachers.create_model(family, checkpoint=weights)
         return model.to(device), json.loads(info_path.read_text())
     torch.manual_seed(0)
-    model = teachers.create_model(family, preset=recipe["preset"], **recipe.get("pretrained", {}), **recipe["overrides"])
+    model = embedded_architecture(family, recipe)
     history = finetune_teacher(model, train, None, directory / "training", epochs=recipe["epochs"], lr=recipe["lr"],
                      max_steps=recipe["max_steps"], device=device, progress=progress,
                      group_size=recipe.get("group_size", 1), precision=precision)

@@ -34,7 +34,7 @@ import students
 import teachers
 from teachers.precision import autocast, bf16_is_fast, cpu_bf16_flags
 
-__all__ = ["main", "matmul_gflops", "scoring_throughput", "step_breakdown"]
+__all__ = ["main", "matmul_gflops", "scoring_throughput", "step_breakdown", "top1_agreement"]
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +52,20 @@ def matmul_gflops(dtype: torch.dtype, m: int = 2048, k: int = 384, n: int = 1536
 
 def _embedded_teacher_model(train):
     """The trained embedded METER teacher if one is on disk, else its architecture with random weights."""
-    from dcd.teacher_training import EMBEDDED_TEACHERS, find_embedded_teacher
+    from dcd.teacher_training import EMBEDDED_TEACHERS, embedded_architecture, find_embedded_teacher
 
     directory = find_embedded_teacher("meter", train)
     if directory is not None:
         return teachers.create_model("meter", checkpoint=directory / "model"), str(directory / "model")
-    recipe = EMBEDDED_TEACHERS["meter"]
     torch.manual_seed(0)
-    model = teachers.create_model("meter", preset=recipe["preset"], **recipe.get("pretrained", {}), **recipe["overrides"])
-    return model, f"{recipe['preset']} (random weights: no trained embedded teacher found)"
+    return embedded_architecture("meter"), \
+        f"{EMBEDDED_TEACHERS['meter']['preset']} (random weights: no trained embedded teacher found)"
+
+
+def top1_agreement(reference: torch.Tensor, other: torch.Tensor) -> Dict[str, float]:
+    """Share of images (``i2t``) and of captions (``t2i``) whose best match is the same in both score matrices."""
+    return {"i2t": round(float((reference.argmax(1) == other.argmax(1)).float().mean()), 4),
+            "t2i": round(float((reference.argmax(0) == other.argmax(0)).float().mean()), 4)}
 
 
 def _score(teacher, images: List[torch.Tensor], captions: Sequence[str]) -> torch.Tensor:
@@ -78,9 +83,9 @@ def scoring_throughput(model, split, num_images: int, repeats: int = 2) -> Dict[
     from dcd.retrieval import recall_at_k
     from dcd.score_matrices import refine_top
 
-    transform = model.image_transform(False)
     from dcd.data.images import load_image
 
+    transform = model.image_transform(False)
     images = [transform(load_image(split.image_paths[i])) for i in range(num_images)]
     caption_image = split.caption_image_tensor()
     chosen = (caption_image < num_images).nonzero().flatten()
@@ -109,8 +114,7 @@ def scoring_throughput(model, split, num_images: int, repeats: int = 2) -> Dict[
     a = matrices["fp32"].float()
     for name in ("bf16", "bf16_refined"):
         b = matrices[name].float()
-        agree = {"i2t": round(float((a.argmax(1) == b.argmax(1)).float().mean()), 4),
-                 "t2i": round(float((a.argmax(0) == b.argmax(0)).float().mean()), 4)}
+        agree = top1_agreement(a, b)
         out[f"top1_agreement_{name}"] = {**agree, "both": min(agree.values())}
         out[f"max_logit_difference_{name}"] = round(float((a - b).abs().max()), 5)
     out["ranking_top1_agreement"] = out["top1_agreement_bf16_refined"]["both"]
@@ -134,8 +138,7 @@ def exhaustive_agreement(model, source: str, splits, split_name: str) -> Dict[st
                           "seconds": info["elapsed_s"]}
         print(f"  {split.name} {precision}: RSUM {out[precision]['rsum']}, {info['elapsed_s']:.0f} s")
     a, b = matrices["fp32"], matrices["bf16"]
-    out["top1_agreement"] = {"i2t": round(float((a.argmax(1) == b.argmax(1)).float().mean()), 4),
-                             "t2i": round(float((a.argmax(0) == b.argmax(0)).float().mean()), 4)}
+    out["top1_agreement"] = top1_agreement(a, b)
     out["rsum_difference"] = round(out["bf16"]["rsum"] - out["fp32"]["rsum"], 2)
     out["bf16_over_fp32"] = round(out["fp32"]["seconds"] / out["bf16"]["seconds"], 2)
     print(f"  {split.name}: bf16 - fp32 RSUM {out['rsum_difference']:+.2f}, top-1 agreement {out['top1_agreement']}, "

@@ -91,7 +91,8 @@ class TrainPairs(Dataset):
     """
 
     #: decoded images kept in memory (uint8 RGB), so that every epoch after the first skips file reads and
-    #: JPEG decoding; the embedded training set takes 18 MB, COCO at full size would not fit and reads on
+    #: JPEG decoding; the embedded training set takes 18 MB; past the budget, the remaining images are read
+    #: from their files every time
     memory_bytes: int = 2 << 30
 
     def __init__(self, split, transforms: Transforms, memory_bytes: Optional[int] = None):

@@ -118,8 +118,6 @@ def _index(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .search import Index, SearchError
 
     if args.image is not None and args.query is not None:
