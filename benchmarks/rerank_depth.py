@@ -15,7 +15,7 @@ from pathlib import Path
 
 import students
 from dcd import pipeline, retrieval
-from dcd.pipeline import DistillSettings
+from dcd.recipes import DistillSettings, resolve
 from dcd.score_matrices import cached_score_matrix, rerank_curve
 
 
@@ -29,13 +29,13 @@ def main() -> None:
     ks = tuple(int(k) for k in args.ks.split(","))
     settings = DistillSettings(teacher=args.teacher, progress=False)
     splits = pipeline.load_data(settings)
-    model, info, teacher = pipeline.setup_teacher(settings, splits)
+    recipe, model, info, teacher = pipeline.setup_teacher(resolve(settings, splits["train"]), splits)
     student = students.load_student(args.student)
-    k, val_curve = pipeline.choose_rerank_k(student, teacher, splits["val"], settings, ks)
+    k, val_curve = pipeline.choose_rerank_k(student, teacher, splits["val"], recipe, ks)
     test = splits["eval"]
     teacher_scores, teacher_info = cached_score_matrix(teacher, test, Path(info["path"]).parent / "scores")
     started = time.perf_counter()
-    first = retrieval.score_matrix(student, retrieval._eval_images(student, test, 64, 0), test.captions, progress=False)
+    first = retrieval.score_matrix(student, retrieval.eval_images(student, test, 64, 0), test.captions, progress=False)
     first_seconds = time.perf_counter() - started
     test_curve = rerank_curve(first, lambda i, t: teacher_scores[i, t], test, ks)
     live = retrieval.evaluate_rerank(student, teacher, test, k=k, progress=False)

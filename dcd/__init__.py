@@ -6,8 +6,10 @@
 from .distiller import DCDConfig, Distiller, wrap
 from .index import Index
 from .score_cache import TeacherScoreCache
+from .stages import student_dir
 from .trainer import TrainConfig, Trainer
 
 __version__ = "0.1.0"
 
-__all__ = ["DCDConfig", "Distiller", "Index", "TeacherScoreCache", "TrainConfig", "Trainer", "wrap", "__version__"]
+__all__ = ["DCDConfig", "Distiller", "Index", "TeacherScoreCache", "TrainConfig", "Trainer", "student_dir", "wrap",
+           "__version__"]

@@ -4,9 +4,10 @@ Every row trains the same student architecture on the same data with the same bu
 seeds; only the method changes (:data:`METHODS`, the DCD paper's ablations plus the undistilled
 baseline). Each (student, method, seed) is trained by :func:`dcd.pipeline.train_student`, evaluated on
 the validation split (where choices are made) and the test split (reported only), and written as one
-JSON record, atomically, under ``<out>/records/``: a killed sweep resumes at the first missing record,
-and a record is reused only while the student's identity (:func:`dcd.pipeline.student_identity`) is
-unchanged. The teacher's test scores come from :func:`dcd.score_matrices.cached_score_matrix`.
+JSON record, atomically, under ``<out>/records/`` in a file named by the row's identity
+(:meth:`dcd.recipes.Recipe.identity`; each row is a :class:`~dcd.recipes.Recipe` and its record stores it): a
+killed sweep resumes at the first missing record, a sweep with another setting writes beside the earlier
+records, and two processes on one folder share its score cache and never train the same student twice. The teacher's test scores come from :func:`dcd.score_matrices.cached_score_matrix`.
 
 Outputs: ``compression.json`` (one record per trained model and one per teacher), ``compression.md``
 (mean +- std over seeds per row, and each method minus the baseline of the same seed), ``compression.png``
@@ -20,7 +21,7 @@ import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import students
 import teachers
@@ -28,10 +29,12 @@ from teachers.base import Scorer
 from teachers.files import write_text
 
 from . import retrieval
-from .pipeline import (DistillSettings, build_dual, count_parameters, load_data, setup_teacher, student_identity,
-                       teacher_score_cache, train_student)
+from .migrate import legacy_record
+from .pipeline import STUDENT_DIR, RunSetup, build_student, count_parameters, setup_run, train_student
+from .recipes import DistillSettings, Recipe, resolve, role_of
 from .score_matrices import cached_score_matrix, stored_score_info
-from .trainer import is_main_process
+from .stages import stage_dir, weights_sha256
+from .trainer import is_main_process, world_size
 
 log = logging.getLogger(__name__)
 
@@ -96,17 +99,6 @@ def _record(teacher_family: str, kind: str, method: str, seed: Optional[int], pa
     return record
 
 
-def _build_student(kind: str, settings: DistillSettings, teacher: Scorer, teacher_model) -> Scorer:
-    if kind == "dual":
-        return build_dual(settings, teacher)
-    if kind == "fusion":
-        import torch
-
-        torch.manual_seed(settings.seed)
-        return students.create_student("fusion", teacher=teacher_model)
-    raise ValueError(f"student kind must be 'dual' or 'fusion', not {kind!r}")
-
-
 def run_ablations(settings: DistillSettings, seeds: Sequence[int] = (0, 1, 2),
                   methods: Iterable[str] = tuple(METHODS), kinds: Iterable[str] = ("dual",),
                   out: Optional[Path] = None, results_json: Optional[Path] = None,
@@ -121,26 +113,22 @@ def run_ablations(settings: DistillSettings, seeds: Sequence[int] = (0, 1, 2),
         raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(KNOWN_METHODS)}")
     root = Path(out or Path("runs") / f"ablations-{settings.teacher}")
     root.mkdir(parents=True, exist_ok=True)
-    splits = load_data(settings)
-    teacher_model, teacher_info, teacher = setup_teacher(settings, splits)
-    cache = teacher_score_cache(teacher, settings, splits["train"], root)
+    setup = setup_run(settings, root)
     records: List[Dict[str, Any]] = []
     for kind in kinds:
         for method in methods:
             if kind == "fusion" and method not in FUSION_METHODS:
                 continue
             for seed in seeds:
-                path = root / "records" / f"{kind}-{method}-seed{seed}.json"
-                if not train_missing:  # a report: what was measured, as recorded (each record keeps its identity)
-                    if path.is_file():
-                        records.append(json.loads(path.read_text())["record"])
-                    continue
-                records.append(_one_run(kind, method, seed, settings, splits, teacher, teacher_model, cache, root))
+                found = _one_run(kind, method, seed, settings, setup, root, train=train_missing)
+                if found is not None:  # a report gathers what was measured, and trains nothing
+                    records.append(found)
     # the teacher last: its exhaustive scores take longest and are cached for every later sweep
-    score_dir = Path(teacher_info.get("path", root / "teacher")).parent / "scores"
+    teacher, info, splits = setup.teacher, setup.teacher_info, setup.splits
+    score_dir = Path(info.get("path", root / "teacher")).parent / "scores"
     _, teacher_eval = cached_score_matrix(teacher, splits["eval"], score_dir, settings.device, settings.progress)
     teacher_val = stored_score_info(teacher, splits["val"], score_dir)  # `dcd teacher` stores it; never computed here
-    records.insert(0, _record(settings.teacher, "teacher", "teacher", None, count_parameters(teacher_model),
+    records.insert(0, _record(settings.teacher, "teacher", "teacher", None, count_parameters(setup.teacher_model),
                               teacher_val["metrics"] if teacher_val else None, teacher_eval["metrics"],
                               eval_seconds=teacher_eval["elapsed_s"]))
     if is_main_process():
@@ -150,27 +138,54 @@ def run_ablations(settings: DistillSettings, seeds: Sequence[int] = (0, 1, 2),
     return records
 
 
-def _one_run(kind: str, method: str, seed: int, settings: DistillSettings, splits, teacher, teacher_model, cache,
-             root: Path) -> Dict[str, Any]:
+def row_recipe(settings: DistillSettings, setup: RunSetup, method: str, seed: int) -> Tuple[Recipe, bool]:
+    """``(recipe, use_teacher)`` of one ablation row: the sweep's settings with the method's fields and the seed."""
     overrides = dict(KNOWN_METHODS[method])
     use_teacher = overrides.pop("use_teacher", True)
-    run_settings = replace(settings, seed=seed, **overrides)
-    student = _build_student(kind, run_settings, teacher, teacher_model)
-    identity = student_identity(student, teacher if use_teacher else None, run_settings, splits["train"],
-                                cache if use_teacher else None)
-    path = root / "records" / f"{kind}-{method}-seed{seed}.json"
+    recipe = resolve(replace(settings, seed=seed, **overrides), setup.splits["train"], world_size=world_size())
+    return recipe.with_teacher_weights(setup.recipe.teacher_weights), use_teacher
+
+
+def find_record(kind: str, method: str, seed: int, settings: DistillSettings, setup: RunSetup,
+                root: Path) -> Tuple[Path, Dict[str, Any], Optional[Dict[str, Any]]]:
+    """``(path, identity, stored)`` of a row's record: its content-addressed file under ``root/records`` and what
+    it holds (or what an earlier dcd wrote for the same identity, :func:`dcd.migrate.legacy_record`; None: not
+    measured yet)."""
+    recipe, uses = row_recipe(settings, setup, method, seed)
+    role = role_of(kind, uses)
+    student = build_student(kind, recipe, setup.teacher, setup.teacher_model)
+    identity = recipe.identity("student", role, start=weights_sha256(student))
+    path = stage_dir(root / "records", f"{kind}-{method}-seed{seed}", identity)
+    path = path.with_name(path.name + ".json")
     if path.is_file():
         stored = json.loads(path.read_text())
-        if stored.get("identity") == json.loads(json.dumps(identity)):
-            log.info("%s %s seed %d: reusing %s", kind, method, seed, path)
-            return stored["record"]
+        if stored.get("identity") == json.loads(json.dumps(identity, default=str)):
+            return path, identity, stored
+    teacher = setup.teacher if uses else None
+    return path, identity, legacy_record(root, kind, method, seed, identity, student, teacher,
+                                         setup.cache if uses else None)
+
+
+def _one_run(kind: str, method: str, seed: int, settings: DistillSettings, setup: RunSetup, root: Path,
+             train: bool = True) -> Optional[Dict[str, Any]]:
+    path, identity, stored = find_record(kind, method, seed, settings, setup, root)
+    if stored is not None:
+        if "migrated_from" in stored and is_main_process():  # today's name for it; the old file stays
+            write_text(path, json.dumps(stored, indent=1, default=str))
+        log.info("%s %s seed %d: reusing %s", kind, method, seed, path)
+        return stored["record"]
+    if not train:
+        return None
+    recipe, uses = row_recipe(settings, setup, method, seed)
+    splits, teacher = setup.splits, setup.teacher if uses else None
     started = time.time()
-    trained, summary = train_student(f"{kind}/{method}/seed{seed}", student, teacher if use_teacher else None,
-                                     run_settings, splits, root, cache if use_teacher else None)
+    student = build_student(kind, recipe, setup.teacher, setup.teacher_model)
+    trained, summary = train_student(role_of(kind, uses), student, teacher, recipe, splits, root,
+                                     setup.cache if uses else None, label=method)
     extra: Dict[str, Any] = {}
     if kind == "fusion":
-        first = _first_stage(root, seed, settings.device)
-        reranker = teachers.as_teacher(trained, settings.precision_plan().scoring)  # trained: it only scores now
+        first = _first_stage(settings, setup, root, seed)
+        reranker = teachers.as_teacher(trained, recipe.precision["scoring"])  # trained: it only scores now
         val, test = (retrieval.evaluate_rerank(first, reranker, splits[role], k=FUSION_RERANK_K, device=settings.device,
                                                progress=False) for role in ("val", "eval"))
         extra = {"rerank_k": FUSION_RERANK_K, "first_stage": f"dual baseline seed {seed}",
@@ -180,21 +195,25 @@ def _one_run(kind: str, method: str, seed: int, settings: DistillSettings, split
                      for role in ("val", "eval"))
     record = _record(settings.teacher, kind, method, seed, count_parameters(trained), val, test,
                      train_seconds=summary["train_seconds"], steps=summary["steps"],
-                     eval_seconds=round(test["elapsed_s"], 2), wall_seconds=round(time.time() - started, 1), **extra)
+                     eval_seconds=round(test["elapsed_s"], 2), wall_seconds=round(time.time() - started, 1),
+                     stage=summary["stage"], **extra)
     log.info("%s %s seed %d: val RSUM %.1f, test RSUM %.1f", kind, method, seed, val["rsum"], test["rsum"])
     if is_main_process():
-        text = json.dumps({"identity": identity, "record": record}, indent=1, default=str)
+        text = json.dumps({"identity": identity, "recipe": recipe.to_dict(), "record": record,
+                           "stage": summary["stage"]}, indent=1, default=str)
         write_text(path, text)
     return record
 
 
-def _first_stage(root: Path, seed: int, device: str) -> Scorer:
+def _first_stage(settings: DistillSettings, setup: RunSetup, root: Path, seed: int) -> Scorer:
     """The undistilled dual student of ``seed`` in this sweep: the retriever whose top-k a fusion student re-ranks."""
-    path = root / "dual" / "baseline" / f"seed{seed}" / "student"
-    if not (path / "config.json").is_file():
-        raise ValueError(f"fusion rows re-rank the dual baseline of the same seed, and {path} has none: run the sweep "
-                         f"with --students dual,fusion and the baseline row (or train the dual baseline first)")
-    return students.load_student(path).to(device)
+    _, _, stored = find_record("dual", "baseline", seed, settings, setup, root)
+    path = Path(stored["stage"]) / STUDENT_DIR if stored is not None else None
+    if path is None or not (path / "config.json").is_file():
+        raise ValueError(f"fusion rows re-rank the dual baseline of the same seed, and {root} has none for seed "
+                         f"{seed}: run the sweep with --students dual,fusion and the baseline row (or train the dual "
+                         "baseline first)")
+    return students.load_student(path).to(settings.device)
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -285,7 +304,8 @@ def plot_val_curves(root: Path, records: List[Dict[str, Any]], path: Path) -> Op
     for r in records:
         if r["method"] == "teacher":
             continue
-        log_path = root / r["student"] / r["method"] / f"seed{r['seed']}" / "metrics.jsonl"
+        stage = Path(r["stage"]) if r.get("stage") else root / r["student"] / r["method"] / f"seed{r['seed']}"
+        log_path = stage / "metrics.jsonl"
         points = [(m["epoch"], m["eval"]["rsum"]) for m in read_metrics(log_path) if "rsum" in m.get("eval", {})]
         if points:
             curves.setdefault(f"{r['student']} {r['method']}", []).append(points)

@@ -8,16 +8,14 @@ then renamed over the old one (``os.replace`` is atomic on POSIX), and it is loa
 """
 from __future__ import annotations
 
-import json
 import random
-import shutil
 from pathlib import Path
 from typing import Any, Dict
 
 import numpy as np
 import torch
 
-from teachers.files import atomic_write, write_json
+from teachers.files import atomic_write
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -61,27 +59,3 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a truncated or foreign file
         raise RuntimeError(f"checkpoint {path} could not be read ({type(err).__name__}: {err})") from err
-
-
-RECIPE_NAME = "recipe.json"
-
-
-def claim_run_dir(directory: Path, recipe: Dict[str, Any], main_process: bool = True) -> bool:
-    """Make ``directory`` hold only work done with ``recipe`` (a JSON-able dict of what shapes the result).
-
-    Its ``recipe.json`` is compared with ``recipe``: the same -> the folder is kept (a finished result is
-    reused, a half-finished one resumes), returns True; different or absent while the folder holds
-    something -> it is emptied, so nothing made with other settings is reused or resumed, returns False.
-    The recipe is then recorded. Only ``main_process`` touches the disk (other ranks just compare).
-    """
-    directory = Path(directory)
-    recipe = json.loads(json.dumps(recipe))  # as it reads back (tuples -> lists)
-    path = directory / RECIPE_NAME
-    stored = json.loads(path.read_text()) if path.is_file() else None
-    kept = stored == recipe
-    if main_process:
-        if not kept and directory.is_dir():
-            shutil.rmtree(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        write_json(path, recipe, indent=1, sort_keys=False, newline=False)
-    return kept

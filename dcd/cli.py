@@ -11,9 +11,11 @@ import argparse
 import json
 from dataclasses import replace
 import logging
-import os
 import sys
+from pathlib import Path
 from typing import List, Optional
+
+from .runtime import init_distributed, shutdown_distributed
 
 __all__ = ["main", "build_parser"]
 
@@ -153,38 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_index_parser(sub)
     add_search_parser(sub)
     sub.add_parser("list", allow_abbrev=False, help="what is registered: teachers, students, student families, data sets")
+    p = sub.add_parser("runs", allow_abbrev=False,
+                       help="the stage folders under a run folder (students, score caches, records) and how they did; "
+                            "`dcd runs prune --keep-latest DIR` deletes the ones the last run did not use")
+    p.add_argument("target", nargs="*", metavar="[prune] DIR", help="run folder (default: runs)")
+    p.add_argument("--json", action="store_true", help="the rows as JSON, for scripts")
+    p.add_argument("--keep-latest", action="store_true", help="with prune: keep what latest.json names (required)")
+    p.add_argument("--dry-run", action="store_true", help="with prune: say what would go, delete nothing")
     return parser
-
-
-def _init_distributed(device: str) -> str:
-    """Under torchrun: join the process group; each rank gets its own CUDA device."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return device
-    import torch
-    import torch.distributed as dist
-
-    backend = "nccl" if device.startswith("cuda") else "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend)
-    if device.startswith("cuda"):
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return f"cuda:{local}"
-    return device
-
-
-def _shutdown_distributed() -> None:
-    """Under torchrun: free what still holds the group (DDP reducers left in reference cycles), wait for
-    every rank, then leave the group together. Gloo aborts the process (``terminate called without an
-    active exception``) when its work is torn down during interpreter exit, or while another rank still works."""
-    import gc
-
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        gc.collect()
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def _check_device(device: str) -> None:
@@ -224,10 +202,14 @@ def _teacher_vs_dual(family: str, teacher: dict, dual: dict, split: str) -> str:
 def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     """The command line; with ``--recipe FILE`` the file's settings become the defaults and flags given win."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "runs":  # `dcd runs prune --keep-latest DIR`: the folder may follow the options
+        args.target += [e for e in extra if not e.startswith("-")]
+        extra = [e for e in extra if e.startswith("-")]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "recipe", None):
-        from .pipeline import DistillSettings
-        from .recipes import read_recipe_file, settings_fields
+        from .recipes import DistillSettings, read_recipe_file, settings_fields
 
         try:
             chosen = read_recipe_file(args.recipe, settings_fields(DistillSettings))
@@ -253,6 +235,35 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise SystemExit(f"dcd: error: {' '.join(str(message).split())}") from None
 
 
+def _runs(args: argparse.Namespace) -> int:
+    from .runs import format_table, list_stages, prune
+
+    target = list(args.target)
+    pruning = bool(target) and target[0] == "prune"
+    if pruning:
+        target = target[1:]
+    if len(target) > 1:
+        raise SystemExit(f"dcd: error: dcd runs takes one run folder, got {' '.join(target)}")
+    root = Path(target[0] if target else "runs")
+    if not root.is_dir():
+        raise SystemExit(f"dcd: error: no run folder {root}")
+    if pruning:
+        if not args.keep_latest:
+            raise SystemExit("dcd: error: dcd runs prune deletes stage folders; say which to keep: --keep-latest")
+        gone = prune(root, dry_run=args.dry_run)
+        verb = "would delete" if args.dry_run else "deleted"
+        for path in gone:
+            print(f"{verb} {path}")
+        print(f"{verb} {len(gone)} stage folder(s) under {root}")
+        return 0
+    rows = list_stages(root)
+    if args.json:
+        print(json.dumps(rows, indent=1, default=str))
+    else:
+        print(format_table(rows))
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command == "data":
         from .data import build_synthetic, load_split
@@ -267,6 +278,9 @@ def _run(args: argparse.Namespace) -> int:
 
         print(format_catalog())
         return 0
+
+    if args.command == "runs":
+        return _runs(args)
 
     _check_device(args.device)
     if args.command in ("index", "search"):
@@ -335,7 +349,7 @@ def _run(args: argparse.Namespace) -> int:
 
         print_recipe(DistillSettings(**options))
         return 0
-    options["device"] = _init_distributed(options["device"])
+    options["device"] = init_distributed(options["device"])
     if args.command == "ablations":
         from pathlib import Path
 
@@ -354,10 +368,10 @@ def _run(args: argparse.Namespace) -> int:
                                 train_missing=not sweep["report_only"])
         print(markdown_table(records))
         print(f"written: {sweep['results']} (and .md, .png)")
-        _shutdown_distributed()
+        shutdown_distributed()
         return 0
     run_distill(DistillSettings(**options))
-    _shutdown_distributed()  # on success only: after an error, torchrun stops the other ranks
+    shutdown_distributed()  # on success only: after an error, torchrun stops the other ranks
     return 0
 
 

@@ -8,17 +8,17 @@ candidates from its image's pool and reads the teacher logits from the cache.
 Layout of the cache folder (written to a temporary folder and renamed into place, so a killed build
 leaves nothing half-written)::
 
-    header.json    what the cache was built from: teacher fingerprint, split, sizes, seed
+    header.json    what the cache was built from: teacher weights (sha256), split, sizes, seed
     pool.npy       int64   [num_images, pool_size]  negative caption indices
     scores.npy     float32 [num_images, pool_size]  teacher logits of (image, pool caption)
     positive.npy   float32 [num_captions]           teacher logit of (caption's image, caption)
 
 :meth:`TeacherScoreCache.open` refuses a cache whose header does not match what the caller expects
-(another teacher, split or pool size): a stale cache is an error naming the field, never silently used.
+(another teacher, split or pool size): a stale cache is an error naming the field, never silently used, and
+never deleted (the folder is named by the cache's identity, :func:`dcd.pipeline.teacher_score_cache`).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from teachers.base import concat, to_device
 
-__all__ = ["StaleCacheError", "TeacherScoreCache", "scoring_precision", "teacher_fingerprint"]
+__all__ = ["StaleCacheError", "TeacherScoreCache", "cache_header", "scoring_precision"]
 
 FORMAT_VERSION = 2
 
@@ -47,13 +47,19 @@ def scoring_precision(model: torch.nn.Module) -> str:
     return getattr(model, "scoring_precision", "fp32")
 
 
-def teacher_fingerprint(teacher: torch.nn.Module) -> str:
-    """SHA-1 of every parameter and buffer (names, shapes and values): changes whenever the weights do."""
-    digest = hashlib.sha1()
-    for name, tensor in sorted(teacher.state_dict().items()):
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+def cache_header(teacher: torch.nn.Module, split, pool_size: int, seed: int, near: int) -> Dict[str, Any]:
+    """What a cache built from ``teacher`` on ``split`` records, and what opening it expects to find."""
+    from .stages import weights_sha256
+
+    header = {
+        "format": FORMAT_VERSION, "teacher": weights_sha256(teacher), "split": split.name,
+        "source": str(split.source), "num_images": split.num_images, "num_captions": split.num_captions,
+        "pool_size": pool_size, "seed": seed, "near": near,
+    }
+    precision = scoring_precision(teacher)
+    if precision != "fp32":  # an fp32 cache keeps the header it had before precision was recorded
+        header["precision"] = precision
+    return header
 
 
 class TeacherScoreCache:
@@ -109,19 +115,9 @@ class TeacherScoreCache:
         from dcd.data import EvalImages
 
         directory = Path(directory)
-        header = {
-            "format": FORMAT_VERSION, "teacher": teacher_fingerprint(teacher), "split": split.name,
-            "source": str(split.source), "num_images": split.num_images, "num_captions": split.num_captions,
-            "pool_size": pool_size, "seed": seed, "near": near,
-        }
-        precision = scoring_precision(teacher)
-        if precision != "fp32":  # an fp32 cache keeps the header it had before precision was recorded
-            header["precision"] = precision
-        if (directory / "header.json").is_file():
-            try:
-                return cls.open(directory, expect=header)
-            except StaleCacheError:
-                shutil.rmtree(directory)
+        header = cache_header(teacher, split, pool_size, seed, near)
+        if (directory / "header.json").is_file():  # another teacher's cache here is an error, never deleted
+            return cls.open(directory, expect=header)
         caption_image = split.caption_image_tensor()
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(seed)  # the pools depend on the seed only, not on the caller's RNG stream

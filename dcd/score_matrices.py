@@ -27,7 +27,8 @@ from teachers.files import save_array, write_json
 
 from . import retrieval
 from .binding import binding_accumulator
-from .score_cache import scoring_precision, teacher_fingerprint
+from .score_cache import scoring_precision
+from .stages import weights_sha256
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ __all__ = ["REFINE_TOP", "cached_score_matrix", "metrics_from_matrix", "plateau_
 
 
 def _header(model: Scorer, split) -> Dict[str, Any]:
-    header = {"model": teacher_fingerprint(model), "split": split.name, "source": str(split.source),
+    header = {"model": weights_sha256(model), "split": split.name, "source": str(split.source),
               "num_images": split.num_images, "num_captions": split.num_captions}
     precision = scoring_precision(model)
     if precision != "fp32":  # fp32 matrices keep the header they had before precision was recorded
@@ -105,7 +106,7 @@ def cached_score_matrix(model: Scorer, split, directory: str | Path, device: str
     matrix_path, info_path = directory / f"{_stem(model, split)}.npy", directory / f"{_stem(model, split)}.json"
     header = _header(model, split)
     if info_path.is_file() and matrix_path.is_file():
-        info = _stored_info(info_path, header)
+        info = _stored_info(info_path, header, model)
         if info is not None:
             log.info("scores of %s: reusing %s", split.name, matrix_path)
             return torch.from_numpy(np.load(matrix_path)), info
@@ -116,10 +117,10 @@ def cached_score_matrix(model: Scorer, split, directory: str | Path, device: str
     was_training = model.training
     model.eval()
     try:
-        scores = retrieval.score_matrix(model, retrieval._eval_images(model, split, 64, 0), split.captions,
+        scores = retrieval.score_matrix(model, retrieval.eval_images(model, split, 64, 0), split.captions,
                                         device=device, progress=progress)
         if "fp32_refined_top" in header:
-            scores = refine_top(model, scores, retrieval._eval_images(model, split, 64, 0), split.captions,
+            scores = refine_top(model, scores, retrieval.eval_images(model, split, 64, 0), split.captions,
                                 header["fp32_refined_top"], device)
     finally:
         model.train(was_training)
@@ -133,15 +134,19 @@ def cached_score_matrix(model: Scorer, split, directory: str | Path, device: str
 def stored_score_info(model: Scorer, split, directory: str | Path) -> Optional[Dict[str, Any]]:
     """The ``info`` :func:`cached_score_matrix` stored for ``model`` on ``split`` (metrics, time), or ``None``
     when none was stored for this model and split: a report reads it and never starts a long exhaustive pass."""
-    return _stored_info(Path(directory) / f"{_stem(model, split)}.json", _header(model, split))
+    return _stored_info(Path(directory) / f"{_stem(model, split)}.json", _header(model, split), model)
 
 
-def _stored_info(info_path: Path, header: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-    """The info in ``info_path`` if it was stored under ``header`` (same model and split), else ``None``."""
+def _stored_info(info_path: Path, header: Dict[str, Any], model: Scorer) -> Optional[Dict[str, Any]]:
+    """The info in ``info_path`` if it was stored under ``header`` (same model and split), else ``None``; a header
+    an earlier dcd wrote (SHA-1 of the same weights) counts as the same (:mod:`dcd.migrate`)."""
+    from .migrate import legacy_header_matches
+
     if not info_path.is_file():
         return None
     info = json.loads(info_path.read_text())
-    return info if info.get("header") == header else None
+    stored = info.get("header") or {}
+    return info if stored == header or legacy_header_matches(stored, header, "model", model) else None
 
 
 def rerank_with_matrix(first_stage: Tensor, second_stage: Tensor, split, k: int) -> Dict[str, float]:

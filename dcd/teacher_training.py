@@ -22,11 +22,12 @@ gets the same one): measured on the embedded validation split after 200 steps, R
 against 249 with a random 2-layer text tower.
 
 The trained model is saved with ``save_pretrained`` (safetensors + config) under
-``$DCD_HOME/teachers/<family>-<data set>/`` with its recall, and reused on the next run.
+``$DCD_HOME/teachers/<family>-<data set>-<hash>/`` (a stage folder of :mod:`dcd.stages`), and reused on the
+next run.
 """
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -38,33 +39,17 @@ from torch import Tensor, nn
 
 import teachers
 from teachers.base import Features, Scorer
-from teachers.files import write_json, write_text
+from teachers.files import write_text
 
 from . import retrieval
-from .checkpoint import RECIPE_NAME, claim_run_dir
 from .data import CaptionSplit, TrainPairs, collate_train, dcd_home
 from .data.neighbour_batches import NeighbourGrouping
 from .losses import contrastive_loss, self_loss
+from .recipes import EMBEDDED_TEACHERS, embedded_recipe
+from .stages import claim_stage, stage_dir, stage_lock
 from .trainer import TrainConfig, Trainer, is_main_process, seconds_trained
 
 log = logging.getLogger(__name__)
-
-#: from-scratch training breaks the symmetry of near-uniform attention far sooner with a wider init
-#: (BERT's 0.02 is meant for width 768) and no dropout: measured, the ranking loss leaves chance
-#: within 10 steps instead of not at all in 200
-SCRATCH_OVERRIDES = {"initializer_range": 0.1, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
-
-#: embedded teacher per family: registry preset, config overrides, training budget
-EMBEDDED_TEACHERS: Dict[str, Dict[str, Any]] = {
-    "meter": {"preset": "minilm2-vit128x4", "overrides": SCRATCH_OVERRIDES, "pretrained": {"text_pretrained": "minilm"},
-              "epochs": 4, "max_steps": 800, "lr": 3e-4, "group_size": 2},
-    "vilt": {"preset": "vit128x4", "overrides": SCRATCH_OVERRIDES, "epochs": 4, "max_steps": 800, "lr": 1e-3, "group_size": 2},
-}
-
-
-#: the keys of an embedded teacher's recipe that ``--teacher-config`` may override besides its model config
-TRAINING_KEYS = ("epochs", "max_steps", "lr", "group_size")
-
 
 def pooled(features: Features) -> Tensor:
     """Mean of a feature set's tokens over its mask: the unimodal summary the ITC heads read."""
@@ -147,60 +132,23 @@ def finetune_teacher(model: Scorer, train: CaptionSplit, val: Optional[CaptionSp
     return trainer.fit(resume=True)
 
 
+def embedded_identity(family: str, overrides: Optional[Dict[str, Any]] = None, precision: str = "auto",
+                      device: str = "cpu") -> Dict[str, Any]:
+    """The identity of the embedded ``family`` teacher (:meth:`dcd.recipes.Recipe.identity` of its stage), for
+    callers that have no recipe of their own (``dcd teacher``, ``dcd index``, the benchmarks)."""
+    from .recipes import DistillSettings, resolve
+
+    settings = DistillSettings(teacher=family, teacher_config=dict(overrides or {}), precision=precision, device=device)
+    return resolve(settings).identity("teacher")
+
+
 def teacher_dir(family: str, train: CaptionSplit, overrides: Optional[Dict[str, Any]] = None,
-                precision: str = "fp32") -> Path:
-    """Where the embedded teacher of ``family`` for this data set lives (one per data set build, one per set of
-    config overrides and one per training precision, so trying either never clears the default teacher)."""
-    source = Path(str(train.source))
-    suffix = ""
-    if overrides:
-        suffix = "-" + hashlib.sha1(json.dumps(overrides, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    if precision != "fp32":
-        suffix += f"-{precision}"
-    return dcd_home() / "teachers" / f"{family}-{source.parent.name}{suffix}"
-
-
-def embedded_recipe(family: str, overrides: Optional[Dict[str, Any]] = None, precision: str = "fp32") -> Dict[str, Any]:
-    """The training recipe of the embedded ``family`` teacher with ``--teacher-config`` overrides and the training
-    precision applied: what its folder's ``recipe.json`` must hold for it to be reused."""
-    if family not in EMBEDDED_TEACHERS:
-        raise ValueError(f"no embedded recipe for teacher {family!r}; known: {sorted(EMBEDDED_TEACHERS)} "
-                         "(bring a checkpoint with --teacher-checkpoint)")
-    recipe = EMBEDDED_TEACHERS[family]
-    if overrides:
-        training = {k: v for k, v in overrides.items() if k in TRAINING_KEYS}
-        model = {k: v for k, v in overrides.items() if k not in TRAINING_KEYS}
-        recipe = {**recipe, **training, "overrides": {**recipe["overrides"], **model}}
-    if precision != "fp32":  # part of its identity; an fp32 teacher keeps the recipe it was stored under
-        recipe = {**recipe, "precision": precision}
-    return recipe
-
-
-def rename_stored_preset(directory: Path, family: str, recipe: Dict[str, Any]) -> None:
-    """A teacher trained when its preset had an older name ("tiny") keeps its identity under the new one.
-
-    The stored ``recipe.json`` (and the preset named in ``teacher.json``) is rewritten when it differs from
-    ``recipe`` only by a deprecated preset name that resolves to ``recipe["preset"]``; without this,
-    renaming a preset would retrain every cached teacher (hours on CPU) for weights that are the same.
-    Every rank of a torchrun job calls it: the main one rewrites, the others wait for that before they
-    read the file (a rank that read the old name would retrain while the main one reuses).
-    """
-    path = directory / RECIPE_NAME
-    stored = json.loads(path.read_text()) if path.is_file() else None
-    old = stored.get("preset") if isinstance(stored, dict) else None
-    presets = getattr(teachers.TEACHERS.get(family), "presets", None)
-    aliases = presets.aliases() if presets is not None else {}
-    same = old is not None and {**stored, "preset": recipe["preset"]} == json.loads(json.dumps(recipe))
-    if same and old != recipe["preset"] and aliases.get(old) == recipe["preset"] and is_main_process():
-        log.info("teacher: %s names preset %r by its old name; now %r", path, old, recipe["preset"])
-        write_json(path, {**stored, "preset": recipe["preset"]}, indent=1, sort_keys=False, newline=False)
-    info_path = directory / "teacher.json"
-    if same and info_path.is_file() and is_main_process():  # also when an earlier version renamed the recipe only
-        info = json.loads(info_path.read_text())
-        if aliases.get(info.get("preset")) == recipe["preset"]:
-            write_text(info_path, json.dumps({**info, "preset": recipe["preset"]}, indent=1))
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+                precision: str = "fp32", device: str = "cpu", identity: Optional[Dict[str, Any]] = None) -> Path:
+    """Where the embedded teacher of ``family`` for this data set lives: ``$DCD_HOME/teachers/<family>-<data
+    build>-<hash>``, one folder per identity (recipe, config overrides, training precision), so trying another
+    never touches the default teacher."""
+    identity = identity or embedded_identity(family, overrides, precision, device)
+    return stage_dir(dcd_home() / "teachers", f"{family}-{Path(str(train.source)).parent.name}", identity)
 
 
 def embedded_architecture(family: str, recipe: Optional[Dict[str, Any]] = None) -> Scorer:
@@ -215,50 +163,59 @@ def find_embedded_teacher(family: str, train: CaptionSplit) -> Optional[Path]:
     distill`` trains on this machine (``--precision auto``), else one trained in fp32. Never trains one."""
     from teachers.precision import plan
 
+    from .migrate import legacy_teacher_dir
+
     for precision in dict.fromkeys((plan("auto", "cpu").cross, "fp32")):
-        directory, expected = teacher_dir(family, train, precision=precision), embedded_recipe(family, precision=precision)
-        rename_stored_preset(directory, family, expected)  # cached under a preset's old name
-        recipe = directory / RECIPE_NAME
-        if (directory / "teacher.json").is_file() and recipe.is_file() and \
-                json.loads(recipe.read_text()) == json.loads(json.dumps(expected)):
+        directory = teacher_dir(family, train, precision=precision)
+        if (directory / "teacher.json").is_file():
             return directory
+        legacy = legacy_teacher_dir(family, train, None, precision, embedded_recipe(family, precision=precision))
+        if legacy is not None:
+            return legacy
     return None
 
 
 def embedded_teacher(family: str, train: CaptionSplit, device: str = "cpu", progress: bool = True,
                      evaluate_on: Optional[CaptionSplit] = None,
                      overrides: Optional[Dict[str, Any]] = None,
-                     precision: str = "auto") -> Tuple[Scorer, Dict[str, Any]]:
+                     precision: str = "auto", identity: Optional[Dict[str, Any]] = None) -> Tuple[Scorer, Dict[str, Any]]:
     """The embedded default's teacher of ``family``: trained once, then loaded from disk.
 
     ``overrides`` (``--teacher-config key=value``) change the training recipe (:data:`TRAINING_KEYS`, e.g.
     ``max_steps=3200``) or the preset's config (any other key, e.g. ``num_fusion_layers=3``); such a teacher is
     trained and kept in a folder of its own, as is one trained at another ``precision`` (fp32 / bf16 autocast;
-    ``auto``: what pays on ``device`` for a cross-encoder, :func:`teachers.precision.choose`).
+    ``auto``: what pays on ``device`` for a cross-encoder, :func:`teachers.precision.choose`). ``identity``: the
+    run recipe's ``identity("teacher")``, when there is one. A teacher trained by an earlier dcd, in the folder
+    it named then, is used where it is (:mod:`dcd.migrate`).
     """
     from teachers.precision import choose
 
+    from .migrate import legacy_teacher_dir
+
     precision = choose(precision, device, "cross")
     recipe = embedded_recipe(family, overrides, precision)
-    directory = teacher_dir(family, train, overrides, precision)
+    identity = identity or embedded_identity(family, overrides, precision, device)
+    directory = teacher_dir(family, train, identity=identity)
+    legacy = None if directory.is_dir() else legacy_teacher_dir(family, train, overrides, precision, recipe)
+    directory = legacy or directory
     weights, info_path = directory / "model", directory / "teacher.json"
-    rename_stored_preset(directory, family, recipe)
-    # a teacher trained (or half-trained) by another recipe is cleared, never reused or resumed
-    if claim_run_dir(directory, recipe, is_main_process()) and info_path.is_file():
-        log.info("teacher: reusing %s", weights)
-        model = teachers.create_model(family, checkpoint=weights)
-        return model.to(device), json.loads(info_path.read_text())
-    torch.manual_seed(0)
-    model = embedded_architecture(family, recipe)
-    history = finetune_teacher(model, train, None, directory / "training", epochs=recipe["epochs"], lr=recipe["lr"],
-                     max_steps=recipe["max_steps"], device=device, progress=progress,
-                     group_size=recipe.get("group_size", 1), precision=precision)
-    info: Dict[str, Any] = {"family": family, "preset": recipe["preset"], "precision": precision,
-                            "train_seconds": seconds_trained(history),
-                            "steps": recipe["max_steps"], "lr": recipe["lr"], "path": str(weights)}
-    if evaluate_on is not None:
-        info[evaluate_on.name] = retrieval.evaluate(model, evaluate_on, device=device, progress=False)
-    if is_main_process():
-        model.save_pretrained(weights)
-        write_text(info_path, json.dumps(info, indent=1))
+    with stage_lock(directory) if is_main_process() else contextlib.nullcontext():
+        if (legacy is not None or claim_stage(directory, identity, "teacher", is_main_process())) \
+                and info_path.is_file():
+            log.info("teacher: reusing %s", weights)
+            model = teachers.create_model(family, checkpoint=weights)
+            return model.to(device), {**json.loads(info_path.read_text()), "path": str(weights)}
+        torch.manual_seed(0)
+        model = embedded_architecture(family, recipe)
+        history = finetune_teacher(model, train, None, directory / "training", epochs=recipe["epochs"],
+                                   lr=recipe["lr"], max_steps=recipe["max_steps"], device=device, progress=progress,
+                                   group_size=recipe.get("group_size", 1), precision=precision)
+        info: Dict[str, Any] = {"family": family, "preset": recipe["preset"], "precision": precision,
+                                "train_seconds": seconds_trained(history),
+                                "steps": recipe["max_steps"], "lr": recipe["lr"], "path": str(weights)}
+        if evaluate_on is not None:
+            info[evaluate_on.name] = retrieval.evaluate(model, evaluate_on, device=device, progress=False)
+        if is_main_process():
+            model.save_pretrained(weights)
+            write_text(info_path, json.dumps(info, indent=1))
     return model.to(device), info

@@ -94,6 +94,11 @@ class ResumableSampler(Sampler[int]):
         return self.per_rank - self.start
 
 
+def world_size() -> int:
+    """Ranks of the torchrun job this process is in (1 outside one)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def is_main_process() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 

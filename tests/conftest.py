@@ -30,12 +30,13 @@ def _seed():
 def unit_teacher_recipe(monkeypatch, tmp_path):
     """``use(max_steps)``: the embedded METER recipe at unit-test size, trained under a private ``$DCD_HOME``."""
     from dcd import teacher_training
+    from dcd.recipes import SCRATCH_OVERRIDES
 
     monkeypatch.setenv("DCD_HOME", str(tmp_path / "home"))
 
     def use(max_steps: int) -> None:
         monkeypatch.setitem(teacher_training.EMBEDDED_TEACHERS, "meter",
-                            {"preset": "roberta32x1-vit32x2", "overrides": teacher_training.SCRATCH_OVERRIDES, "epochs": 1,
+                            {"preset": "roberta32x1-vit32x2", "overrides": SCRATCH_OVERRIDES, "epochs": 1,
                              "max_steps": max_steps, "lr": 1e-3})
 
     return use

@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 import dcd
 import students
-from dcd.cli import _shutdown_distributed
+from dcd.runtime import shutdown_distributed
 from dcd.data import TrainPairs, load_karpathy
 from dcd.losses import gather_with_grad
 from dcd.trainer import TrainConfig, Trainer
@@ -38,7 +38,7 @@ def main(data_json: str, out: str) -> None:
         }))
     # drop DDP's reducer while the interpreter is alive, then the shutdown `dcd distill` uses (gc, barrier, destroy)
     del trainer, distiller
-    _shutdown_distributed()
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

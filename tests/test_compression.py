@@ -2,6 +2,7 @@
 act, alpha schedules end to end, stage identities, cached evaluation matrices and the ablation runner."""
 import json
 import math
+from pathlib import Path
 from dataclasses import replace
 
 import pytest
@@ -12,7 +13,9 @@ import students
 from dcd import ablations, pipeline, score_matrices
 from dcd.data import build_synthetic, load_karpathy
 from dcd.losses import distill_loss
-from dcd.pipeline import DistillSettings, student_identity, train_student
+from dcd.pipeline import DistillSettings, build_student, train_student
+from dcd.recipes import resolve
+from dcd.stages import weights_sha256
 from dcd.weighting import dynamic_weights
 from teachers import as_teacher
 from teachers.meter import meter_preset
@@ -178,12 +181,13 @@ def test_alpha_schedule_trains_end_to_end(data_json, tmp_path, schedule):
               "--student", "dual-bert32x1-vit32x1", "--out", str(tmp_path / "run"), "--max-steps", "3", "--batch-size", "4",
               "--epochs", "1", "--num-negatives", "4", "--num-hard", "2", "--no-fusion", "--no-baseline",
               "--alpha", "0.6", "--alpha-end", "0.0", "--alpha-schedule", schedule])
-    log = [json.loads(line) for line in (tmp_path / "run" / "dcd" / "metrics.jsonl").read_text().splitlines()]
+    stage = Path(json.loads((tmp_path / "run" / "results.json").read_text())["stages"]["dcd"])
+    log = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
     alphas = [r["alpha"] for r in log if "alpha" in r]
     # the log averages alpha over its steps: 0.6 for a constant alpha, lower as it moves towards 0
     assert alphas and 0.0 < alphas[-1] < 0.6 - 1e-3
-    summary = json.loads((tmp_path / "run" / "dcd" / "summary.json").read_text())
-    assert summary["dcd"]["alpha_schedule"] == schedule
+    identity = json.loads((stage / "stage.json").read_text())["identity"]
+    assert identity["dcd"]["alpha_schedule"] == schedule and identity["dcd"]["total_steps"] == 3
 
 
 def test_alpha_schedule_spans_the_steps_the_trainer_runs(splits, tmp_path):
@@ -206,46 +210,48 @@ def test_alpha_schedule_spans_the_steps_the_trainer_runs(splits, tmp_path):
 def test_stage_identity_retrains_on_every_setting_that_changes_the_student(data_json, splits, tmp_path):
     teacher = as_teacher(meter_preset("roberta32x1-vit32x2"))
 
+    def recipe(**overrides):
+        return resolve(_settings(data_json, tmp_path, **overrides), splits["train"]).with_teacher_weights(
+            weights_sha256(teacher))
+
     def train(**overrides):
-        settings = _settings(data_json, tmp_path, **overrides)
-        student = pipeline.build_dual(settings, teacher)
-        _, summary = train_student("dcd", student, teacher, settings, splits, tmp_path / "run")
+        r = recipe(**overrides)
+        _, summary = train_student("dcd", build_student("dual", r, teacher), teacher, r, splits, tmp_path / "run")
         return summary
 
     first = train()
     assert train(progress=False, num_workers=0) == first  # nothing that shapes the student changed: reused
-    train(seed=1)
-    seeded = json.loads((tmp_path / "run" / "dcd" / "recipe.json").read_text())
-    assert seeded["seed"] == 1
+    seeded = train(seed=1)
+    assert seeded["stage"] != first["stage"] and Path(first["stage"]).is_dir()  # a new folder; the first one stays
+    assert json.loads((Path(seeded["stage"]) / "stage.json").read_text())["identity"]["seed"] == 1
     # a student checkpoint is another start: retrained
     saved = tmp_path / "start"
     students.dual_test(pretrained=False).save_pretrained(saved)
-    train(student_checkpoint=str(saved))
-    from_checkpoint = json.loads((tmp_path / "run" / "dcd" / "recipe.json").read_text())
-    assert from_checkpoint["student"]["start"] != seeded["student"]["start"]
+    started = train(student_checkpoint=str(saved))
+    identity = {s["stage"]: json.loads((Path(s["stage"]) / "stage.json").read_text())["identity"]
+                for s in (first, started)}
+    assert identity[started["stage"]]["student"]["start"] != identity[first["stage"]]["student"]["start"]
     # precision and another teacher are part of it too
-    settings = _settings(data_json, tmp_path)
-    student = pipeline.build_dual(settings, teacher)
-    base = student_identity(student, teacher, settings, splits["train"])
-    fp32, bf16 = (student_identity(student, teacher, _settings(data_json, tmp_path, precision=p), splits["train"])
-                  for p in ("fp32", "bf16"))
+    base = recipe()
+    student = build_student("dual", base, teacher)
+    start = weights_sha256(student)
+    fp32, bf16 = (recipe(precision=p).identity("student", "dcd", start) for p in ("fp32", "bf16"))
     assert fp32 != bf16 and fp32["precision"]["training"] == "fp32" and bf16["precision"]["training"] == "bf16"
-    # what the teacher's scores were computed in, too: a bf16 teacher pass is not an fp32 one
-    assert student_identity(student, as_teacher(teacher, "bf16"), settings, splits["train"]) != \
-        student_identity(student, as_teacher(teacher, "fp32"), settings, splits["train"])
-    torch.manual_seed(5)
-    other_teacher = as_teacher(meter_preset("roberta32x1-vit32x2"))
-    assert student_identity(student, other_teacher, settings, splits["train"]) != base
-    assert student_identity(student, teacher, _settings(data_json, tmp_path, progress=True), splits["train"]) == base
+    assert bf16["precision"]["teacher_scoring"] == "bf16"  # a bf16 teacher pass is not an fp32 one
+    assert base.with_teacher_weights("0" * 64).identity("student", "dcd", start) != base.identity("student", "dcd", start)
+    assert recipe(progress=True).identity("student", "dcd", start) == base.identity("student", "dcd", start)
+    # the baseline does not see the teacher: the teacher's weights and the method's knobs leave it as it is
+    assert base.with_teacher_weights("0" * 64).identity("student", "baseline", start) == \
+        base.identity("student", "baseline", start) == recipe(alpha=0.9).identity("student", "baseline", start)
 
 
 def test_changing_the_seed_retrains(data_json, splits, tmp_path):
     markers = []
     for seed in (0, 0, 1):
-        settings = _settings(data_json, tmp_path, seed=seed)
-        trained, _ = train_student("baseline", pipeline.build_dual(settings, None), None, settings, splits,
+        recipe = resolve(_settings(data_json, tmp_path, seed=seed), splits["train"])
+        _, summary = train_student("baseline", build_student("dual", recipe, None), None, recipe, splits,
                                    tmp_path / "run")
-        markers.append((tmp_path / "run" / "baseline" / "metrics.jsonl").stat().st_mtime_ns)
+        markers.append((Path(summary["stage"]) / "metrics.jsonl").stat().st_mtime_ns)
     assert markers[0] == markers[1] and markers[2] != markers[1]
 
 
@@ -274,7 +280,7 @@ def test_rerank_curve_matches_each_depth_and_k_is_chosen_on_val(splits):
 
     split = splits["eval"]
     teacher = as_teacher(meter_preset("roberta32x1-vit32x2"))
-    second = retrieval.score_matrix(teacher, retrieval._eval_images(teacher, split, 8, 0), split.captions,
+    second = retrieval.score_matrix(teacher, retrieval.eval_images(teacher, split, 8, 0), split.captions,
                                     progress=False)
     first = torch.randn_like(second)
     calls = []
@@ -290,7 +296,8 @@ def test_rerank_curve_matches_each_depth_and_k_is_chosen_on_val(splits):
     assert score_matrices.plateau_k({1: {"i2t_r1": 10, "t2i_r1": 10}, 4: {"i2t_r1": 30, "t2i_r1": 20},
                                      8: {"i2t_r1": 30, "t2i_r1": 20.5}}) == 4
     student = students.dual_test(pretrained=False)
-    k, val_curve = pipeline.choose_rerank_k(student, teacher, splits["val"], DistillSettings(progress=False), (1, 2))
+    k, val_curve = pipeline.choose_rerank_k(student, teacher, splits["val"], resolve(DistillSettings(progress=False)),
+                                            (1, 2))
     assert k in (1, 2) and set(val_curve) == {1, 2}
 
 
@@ -328,7 +335,7 @@ def test_ablation_runner_records_every_row_and_resumes(data_json, tmp_path):
     # a report gathers what exists and trains nothing
     partial = ablations.run_ablations(settings, seeds=(0, 1, 2), methods=methods, kinds=("dual",), out=out,
                                       results_json=results, train_missing=False)
-    assert partial == records and not (out / "records" / "dual-dcd-seed2.json").exists()
+    assert partial == records and not list((out / "records").glob("dual-dcd-seed2-*"))
     # ... and shows the teacher's val figures once they are stored beside its test scores (`dcd teacher` does that)
     import teachers
     from dcd.score_matrices import cached_score_matrix
@@ -338,12 +345,17 @@ def test_ablation_runner_records_every_row_and_resumes(data_json, tmp_path):
     with_val = ablations.run_ablations(settings, seeds=(0, 1), methods=methods, kinds=("dual",), out=out,
                                        results_json=results, train_missing=False)
     assert with_val[0]["val_rsum"] == round(val_info["metrics"]["rsum"], 2) and with_val[1:] == records[1:]
-    # ... even when its settings differ from the records' (a sweep run with other budgets): it reports them as they are
+    # ... of the settings asked for only: records of a sweep with another budget are not mixed in
     from dataclasses import replace
 
     other = ablations.run_ablations(replace(settings, lr=0.5), seeds=(0, 1), methods=methods, kinds=("dual",), out=out,
                                     results_json=results, train_missing=False)
-    assert other == with_val and mtimes == {p: p.stat().st_mtime_ns for p in (out / "records").iterdir()}
+    assert [r["method"] for r in other] == ["teacher"]
+    assert mtimes == {p: p.stat().st_mtime_ns for p in (out / "records").iterdir()}
+    # every record names its student's stage folder and stores the row's recipe
+    for path in (out / "records").iterdir():
+        stored = json.loads(path.read_text())
+        assert Path(stored["stage"]).parent == out / "students" and stored["recipe"]["seed"] == stored["record"]["seed"]
     with pytest.raises(ValueError, match="unknown method"):
         ablations.run_ablations(settings, methods=["dcd_magic"], out=out)
 
@@ -424,7 +436,8 @@ def test_two_direction_rows_distil_text_to_image_and_their_baseline_has_no_teach
     methods = ["baseline", "baseline_t2i", "dcd_denoised_t2i", "vanilla_kd_denoised_t2i"]
     ablations.run_ablations(settings, seeds=(0,), methods=methods, kinds=("dual",), out=out,
                             results_json=tmp_path / "c.json")
-    identity = {m: json.loads((out / "records" / f"dual-{m}-seed0.json").read_text())["identity"] for m in methods}
+    stored = {m: json.loads(next((out / "records").glob(f"dual-{m}-seed0-*.json")).read_text()) for m in methods}
+    identity = {m: record["identity"] for m, record in stored.items()}
     assert identity["baseline"]["dcd"]["directions"] == ["i2t"]
     assert identity["baseline_t2i"]["dcd"]["directions"] == ["i2t", "t2i"]
     assert identity["baseline_t2i"]["teacher"] is None and identity["baseline_t2i"]["dcd"]["use_teacher"] is False
@@ -432,9 +445,9 @@ def test_two_direction_rows_distil_text_to_image_and_their_baseline_has_no_teach
     assert distilled["teacher"] is not None and distilled["dcd"]["directions"] == ["i2t", "t2i"]
     assert distilled["dcd"]["drop_false_negatives"] is True
     # both directions were distilled: the trainer logged a text->image teacher statistic
-    log = (out / "dual" / "dcd_denoised_t2i" / "seed0" / "metrics.jsonl").read_text()
+    log = (Path(stored["dcd_denoised_t2i"]["stage"]) / "metrics.jsonl").read_text()
     assert "teacher_top1_t2i" in log and "teacher_top1_t2i" not in \
-        (out / "dual" / "baseline_t2i" / "seed0" / "metrics.jsonl").read_text()
+        (Path(stored["baseline_t2i"]["stage"]) / "metrics.jsonl").read_text()
     # its vanilla-KD ablation keeps both directions and the denoising, and drops DCD's own parts
     vanilla = identity["vanilla_kd_denoised_t2i"]["dcd"]
     assert vanilla["directions"] == ["i2t", "t2i"] and vanilla["drop_false_negatives"] is True
@@ -455,11 +468,11 @@ def test_the_embedded_recipe_is_the_row_chosen_on_val_and_the_paper_rows_stay_th
     self-learning loss whatever the embedded default is, so their recorded identities stay valid."""
     embedded = DistillSettings()
     chosen = replace(embedded, **{k: v for k, v in ablations.KNOWN_METHODS["dcd_denoised_t2i"].items()})
-    assert chosen.dcd_config() == embedded.dcd_config()
-    assert embedded.dcd_config().directions == ("i2t", "t2i") and embedded.dcd_config().drop_false_negatives
+    assert resolve(chosen).dcd_config() == resolve(embedded).dcd_config()
+    assert resolve(embedded).dcd_config().directions == ("i2t", "t2i") and resolve(embedded).dcd_config().drop_false_negatives
     for name, fields in ablations.METHODS.items():
-        paper = replace(embedded, **{k: v for k, v in fields.items() if k != "use_teacher"})
-        config = paper.dcd_config(use_teacher=fields.get("use_teacher", True))
+        paper = resolve(replace(embedded, **{k: v for k, v in fields.items() if k != "use_teacher"}))
+        config = paper.dcd_config("dcd" if fields.get("use_teacher", True) else "baseline")
         assert config.directions == ("i2t",) and config.drop_false_negatives is False, name
     # on real data the reference (the paper's fine-tuning regime) keeps every candidate
-    assert DistillSettings(data="coco").dcd_config().drop_false_negatives is False
+    assert resolve(DistillSettings(data="coco")).dcd_config().drop_false_negatives is False

@@ -14,7 +14,6 @@ from PIL import Image
 
 import dcd
 from dcd import cli
-from dcd.checkpoint import claim_run_dir
 from dcd.index import AnnParams, Index, StudentMismatch, image_folder
 from dcd.index.encode import chunk_path, encode_chunks, merge_chunks
 from students.dual import dual_test
@@ -117,7 +116,7 @@ def test_ranks_encode_their_shards_and_rank_zero_merges_the_same_vectors(world, 
     student = single.student
     corpus = image_folder(world["images"])
     work = tmp_path / "sharded"
-    claim_run_dir(work, {"any": "recipe"})
+    work.mkdir()
     assert encode_chunks(student, corpus, work, chunk_size=3, rank=1, world_size=2, progress=False) == 2
     assert sorted(p.name for p in work.glob("chunk-*")) == ["chunk-000001.npz", "chunk-000003.npz"]
     with pytest.raises(dcd.index.search.DataError, match="chunk 0 of 4 was not encoded"):
@@ -338,11 +337,14 @@ def test_distill_then_index_the_test_images_and_search_a_caption_with_teacher_re
     cli.main(["distill", "--teacher", "meter", "--teacher-checkpoint", str(teacher), "--data", str(data), "--out",
               str(run), "--max-steps", "2", "--batch-size", "8", "--epochs", "1", "--num-negatives", "4",
               "--num-hard", "2", "--rerank-k", "3", "--no-baseline", "--no-fusion"])
-    student = run / "dcd" / "student"
+    student = run  # a run folder: the DCD dual student of its last run (latest.json)
     cli.main(["index", str(tmp_path / "idx"), "--student", str(student), "--data", str(data), "--split", "test",
               "--no-progress"])
     meta = json.loads((tmp_path / "idx" / "index.json").read_text())
     assert meta["student"]["recipe"] is not None  # the stage's training recipe travels with the index
+    latest = json.loads((run / "latest.json").read_text())["stages"]["dcd"]
+    assert meta["student"]["stage"] == json.loads((run / latest / "stage.json").read_text())["fingerprint"]
+    assert meta["student"]["path"] == str((run / latest / "student").resolve())
     assert meta["modalities"]["images"]["count"] == 12 and meta["modalities"]["texts"]["count"] == 60
     test = load_karpathy(data, split="test")
     capsys.readouterr()

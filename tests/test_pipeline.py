@@ -1,12 +1,14 @@
 """End to end: the embedded teacher recipe, `dcd distill` on a real-data-shaped fixture, the CLI."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from dcd import cli, teacher_training
 from dcd.data import build_synthetic, load_karpathy
-from dcd.pipeline import DistillSettings, build_dual, equal_time_dual, load_teacher
+from dcd.pipeline import DistillSettings, build_student, equal_time_dual, load_teacher
+from dcd.recipes import resolve
 from teachers import as_teacher
 from teachers.meter import meter_preset
 
@@ -28,21 +30,14 @@ def test_teacher_finetuning_trains_and_is_reused(fixture_json, tmp_path, monkeyp
     for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), name
     assert info2 == info
-    # a teacher cached when its preset had the old name ("test") is still reused: only the name changed
-    recipe_path = teacher_training.teacher_dir("meter", train) / "recipe.json"
-    recipe_path.write_text(recipe_path.read_text().replace('"roberta32x1-vit32x2"', '"test"'))
-    _, info_renamed = teacher_training.embedded_teacher("meter", train, progress=False)
-    assert info_renamed == info and '"roberta32x1-vit32x2"' in recipe_path.read_text()
-    # teacher.json left with the old name by an earlier version (recipe.json already renamed) is renamed too
-    info_path = teacher_training.teacher_dir("meter", train) / "teacher.json"
-    info_path.write_text(info_path.read_text().replace('"roberta32x1-vit32x2"', '"test"'))
-    teacher_training.embedded_teacher("meter", train, progress=False)
-    assert json.loads(info_path.read_text())["preset"] == "roberta32x1-vit32x2"
-    # a changed recipe is not served the old teacher: it retrains from scratch
+    directory = teacher_training.teacher_dir("meter", train)
+    assert json.loads((directory / "stage.json").read_text())["kind"] == "teacher"
+    # a changed recipe is not served the old teacher: it trains in a folder of its own, and the old one stays
     monkeypatch.setitem(teacher_training.EMBEDDED_TEACHERS, "meter",
                         {**teacher_training.EMBEDDED_TEACHERS["meter"], "max_steps": 2})
     _, info3 = teacher_training.embedded_teacher("meter", train, progress=False)
-    assert info3["steps"] == 2
+    assert info3["steps"] == 2 and teacher_training.teacher_dir("meter", train) != directory
+    assert (directory / "model").is_dir() and (directory / "teacher.json").is_file()
     with pytest.raises(ValueError, match="no embedded recipe"):
         teacher_training.embedded_teacher("blip", train)
 
@@ -67,32 +62,62 @@ def test_distill_end_to_end_on_a_fixture_with_a_checkpoint(fixture_json, tmp_pat
         assert results["training"][stage]["steps"] == 2
     for row in results["results"]:
         assert 0 <= row["i2t_r1"] <= 100 and row["seconds"] > 0 and row["model"] in printed
-    assert results["training"]["dcd"]["steps"] == 2 and results["training"]["baseline"]["dcd"]["use_teacher"] is False
+    stages = {role: Path(path) for role, path in results["stages"].items()}
+    identity = {role: json.loads((path / "stage.json").read_text())["identity"] for role, path in stages.items()}
+    assert results["training"]["dcd"]["steps"] == 2 and identity["baseline"]["dcd"]["use_teacher"] is False
     recipe = json.loads((out / "recipe.json").read_text())  # the resolved recipe, kept beside the results
-    assert recipe["name"] == "reference" and recipe["dcd"]["total_steps"] == 2
+    assert recipe["name"] == "reference" and recipe["dcd"]["total_steps"] == 2 and recipe["total_steps"] == 2
     assert recipe["teacher"]["checkpoint"] == str(teacher_dir) and recipe["budget"]["max_steps"] == 2
+    assert {p.parent for p in stages.values()} == {out / "students"} and stages["dcd"].name.startswith("dual-dcd-seed0-")
     for stage in ("baseline", "dcd", "fusion"):
-        assert (out / stage / "student" / "config.json").is_file()
-        assert (out / stage / "checkpoint.pt").is_file()
+        assert (stages[stage] / "student" / "config.json").is_file()
+        assert (stages[stage] / "checkpoint.pt").is_file()
+        assert json.loads((stages[stage] / "results.json").read_text())["rows"]
+    assert {k: Path(out / v) for k, v in json.loads((out / "latest.json").read_text())["stages"].items()
+            if k != "score_cache"} == stages
     # a second run reuses every finished stage
     cli.main(["distill", "--teacher", "meter", "--teacher-checkpoint", str(teacher_dir), "--data", str(fixture_json),
               "--out", str(out), "--max-steps", "2", "--batch-size", "8", "--epochs", "1", "--num-negatives", "4",
               "--num-hard", "2", "--rerank-k", "3"])
     assert json.loads((out / "results.json").read_text())["training"] == results["training"]
-    # other method settings are never served a student trained with the old ones
+    # other method settings are never served a student trained with the old ones, and lose nothing earlier
     cli.main(["distill", "--teacher", "meter", "--teacher-checkpoint", str(teacher_dir), "--data", str(fixture_json),
               "--out", str(out), "--max-steps", "2", "--batch-size", "8", "--epochs", "1", "--num-negatives", "4",
               "--num-hard", "2", "--rerank-k", "3", "--alpha", "0.1", "--no-fusion"])
-    training = json.loads((out / "results.json").read_text())["training"]
-    assert training["dcd"]["dcd"]["alpha"] == 0.1 and training["baseline"] == results["training"]["baseline"]
-    assert training["baseline"]["group_size"] == 1  # data given as a file (real data): plain shuffled batches
+    again = json.loads((out / "results.json").read_text())
+    assert Path(again["stages"]["dcd"]) != stages["dcd"] and Path(again["stages"]["baseline"]) == stages["baseline"]
+    assert json.loads((Path(again["stages"]["dcd"]) / "stage.json").read_text())["identity"]["dcd"]["alpha"] == 0.1
+    assert identity["baseline"]["group_size"] == 1  # data given as a file (real data): plain shuffled batches
+    # another step count: both students, and both results, are on disk
+    cli.main(["distill", "--teacher", "meter", "--teacher-checkpoint", str(teacher_dir), "--data", str(fixture_json),
+              "--out", str(out), "--max-steps", "3", "--batch-size", "8", "--epochs", "1", "--num-negatives", "4",
+              "--num-hard", "2", "--rerank-k", "3", "--no-fusion"])
+    longer = json.loads((out / "results.json").read_text())
+    assert longer["training"]["dcd"]["steps"] == 3 and Path(longer["stages"]["dcd"]) != stages["dcd"]
+    for path in (stages["dcd"], Path(longer["stages"]["dcd"])):
+        assert (path / "student" / "config.json").is_file() and (path / "results.json").is_file()
+    # `dcd runs` lists them with their RSUM; the latest run is marked, the earlier ones kept
+    capsys.readouterr()
+    assert cli.main(["runs", str(out)]) == 0
+    listed = capsys.readouterr().out
+    assert stages["dcd"].name in listed and Path(longer["stages"]["dcd"]).name in listed and "max_steps=3" in listed
+    cli.main(["runs", str(out), "--json"])
+    rows = {r["stage"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows[f"students/{stages['dcd'].name}"]["test_rsum"] is not None
+    assert rows[f"students/{Path(longer['stages']['dcd']).name}"]["latest"] is True
+    assert rows[f"students/{stages['dcd'].name}"]["latest"] is False
     # neighbour batches are a recipe of their own, for the baseline and the DCD student alike
     cli.main(["distill", "--teacher", "meter", "--teacher-checkpoint", str(teacher_dir), "--data", str(fixture_json),
               "--out", str(out), "--max-steps", "2", "--batch-size", "8", "--epochs", "1", "--num-negatives", "4",
               "--num-hard", "2", "--rerank-k", "3", "--alpha", "0.1", "--no-fusion", "--group-size", "2"])
-    grouped = json.loads((out / "results.json").read_text())["training"]
-    # a summary records the recipe its student was trained with: both were retrained, neither reused
-    assert grouped["baseline"]["group_size"] == grouped["dcd"]["group_size"] == 2
+    grouped = json.loads((out / "results.json").read_text())["stages"]
+    for role in ("baseline", "dcd"):  # both were retrained, neither reused
+        assert json.loads((Path(grouped[role]) / "stage.json").read_text())["identity"]["group_size"] == 2
+    # prune only when asked, and only what the last run did not use
+    with pytest.raises(SystemExit, match="--keep-latest"):
+        cli.main(["runs", "prune", str(out)])
+    cli.main(["runs", "prune", "--keep-latest", str(out)])
+    assert not stages["dcd"].exists() and Path(grouped["dcd"]).is_dir() and Path(grouped["baseline"]).is_dir()
 
 
 @pytest.mark.slow
@@ -102,10 +127,11 @@ def test_equal_time_dual_trains_for_the_time_it_is_given(fixture_json, tmp_path)
     out = equal_time_dual(2.0, splits, tmp_path, progress=False, calibration_steps=10)
     assert out["steps"] == max(1, round(2.0 / out["step_seconds"]))
     assert 0 <= out["synthetic-test"]["i2t_r1"] <= 100 and out["target_seconds"] == 2.0
-    summary = json.loads((tmp_path / "equal-time-dual" / "summary.json").read_text())
+    [stage] = (tmp_path / "students").glob("dual-equal-time-seed0-*")
+    summary = json.loads((stage / "summary.json").read_text())
     assert summary["steps"] == out["steps"] and summary["teacher"] is False  # the undistilled baseline
-    assert (tmp_path / "equal-time-dual" / "student" / "config.json").is_file()
-    assert not (tmp_path / "calibration").exists()  # the timing run leaves nothing behind
+    assert (stage / "student" / "config.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "students").iterdir() if p.is_dir()) == [stage.name]  # no calibration
 
 
 def test_cli_help_and_errors(capsys):
@@ -118,7 +144,7 @@ def test_cli_help_and_errors(capsys):
         with pytest.raises(SystemExit, match="CUDA is not available"):
             cli.main(["distill", "--device", "cuda"])
     with pytest.raises(ValueError, match="needs --teacher-checkpoint"):
-        load_teacher(DistillSettings(data="coco"), {})
+        load_teacher(resolve(DistillSettings(data="coco")), {})
 
 
 def test_cli_student_option_is_not_taken_for_student_checkpoint(capsys):
@@ -129,16 +155,16 @@ def test_cli_student_option_is_not_taken_for_student_checkpoint(capsys):
         cli.build_parser().parse_args(["distill", "--student-check", "x"])
     assert "unrecognized arguments: --student-check" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--student 'nope' is not a registered student"):
-        build_dual(DistillSettings(student="nope"), as_teacher(meter_preset("roberta32x1-vit32x2")))
+        build_student("dual", resolve(DistillSettings(student="nope")), as_teacher(meter_preset("roberta32x1-vit32x2")))
 
 
 def test_embedded_and_reference_method_defaults():
-    embedded, coco = DistillSettings().dcd_config(), DistillSettings(data="coco").dcd_config()
+    embedded, coco = resolve(DistillSettings()).dcd_config(), resolve(DistillSettings(data="coco")).dcd_config()
     assert (embedded.alpha, embedded.entropy_temperature, embedded.num_negatives, embedded.num_hard) == (0.5, 4.0, 7, 3)
     assert (coco.alpha, coco.entropy_temperature, coco.num_negatives, coco.num_hard) == (0.2, 1.0, 15, 7)
-    chosen = DistillSettings(alpha=0.0, entropy_temperature=1.0).dcd_config()  # an explicit 0 is kept
+    chosen = resolve(DistillSettings(alpha=0.0, entropy_temperature=1.0)).dcd_config()  # an explicit 0 is kept
     assert (chosen.alpha, chosen.entropy_temperature) == (0.0, 1.0)
     args = cli.build_parser().parse_args(["distill", "--alpha", "0.3"])
     assert args.alpha == 0.3 and args.entropy_temperature is None and args.teacher_temperature is None
     args = cli.build_parser().parse_args(["ablations", "--teacher-temperature", "3"])
-    assert DistillSettings(teacher_temperature=args.teacher_temperature).dcd_config().teacher_temperature == 3.0
+    assert resolve(DistillSettings(teacher_temperature=args.teacher_temperature)).dcd_config().teacher_temperature == 3.0

@@ -5,12 +5,11 @@ import json
 import pytest
 import torch
 
-import students
 import teachers
 from dcd import pipeline
 from dcd.data.synthetic import build_synthetic
 from dcd.data import load_image, load_karpathy
-from dcd.score_cache import TeacherScoreCache
+from dcd.score_cache import StaleCacheError, TeacherScoreCache
 from dcd.score_matrices import cached_score_matrix
 from teachers.precision import autocast, bf16_is_fast, choose, plan
 
@@ -87,7 +86,11 @@ def test_a_score_cache_of_one_precision_is_never_served_as_the_other(tmp_path):
     bf16 = TeacherScoreCache.build(teachers.as_teacher(model, "bf16"), split, tmp_path / "cache", pool_size=4,
                                    progress=False)
     assert bf16.header["precision"] == "bf16"
-    fp32 = TeacherScoreCache.build(teachers.as_teacher(model, "fp32"), split, tmp_path / "cache", pool_size=4,
+    with pytest.raises(StaleCacheError, match="'precision'"):  # refused, and left where it is
+        TeacherScoreCache.build(teachers.as_teacher(model, "fp32"), split, tmp_path / "cache", pool_size=4,
+                                progress=False)
+    assert (tmp_path / "cache" / "scores.npy").is_file()
+    fp32 = TeacherScoreCache.build(teachers.as_teacher(model, "fp32"), split, tmp_path / "cache-fp32", pool_size=4,
                                    progress=False)
     assert "precision" not in fp32.header and not torch.equal(torch.from_numpy(bf16.scores[:].copy()),
                                                               torch.from_numpy(fp32.scores[:].copy()))
@@ -140,8 +143,8 @@ def test_a_bf16_teacher_has_its_own_folder_and_is_found(unit_teacher_recipe, mon
     train = load_karpathy(build_synthetic(tmp_path / "data", sizes=(8, 2, 2), image_size=32), split="train")
     _, info = teacher_training.embedded_teacher("meter", train, progress=False, precision="bf16")
     directory = teacher_training.teacher_dir("meter", train, precision="bf16")
-    assert info["precision"] == "bf16" and directory.name.endswith("-bf16") and (directory / "model").is_dir()
-    assert json.loads((directory / "recipe.json").read_text())["precision"] == "bf16"
+    assert info["precision"] == "bf16" and (directory / "model").is_dir()
+    assert json.loads((directory / "stage.json").read_text())["identity"]["precision"] == "bf16"
     monkeypatch.setenv("DCD_CPU_BF16", "1")  # what make distill trains here: found, never trained by a search
     assert teacher_training.find_embedded_teacher("meter", train) == directory
     monkeypatch.setenv("DCD_CPU_BF16", "0")  # an fp32 machine looks for the fp32 one, which was never trained

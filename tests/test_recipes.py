@@ -30,6 +30,7 @@ def test_print_recipe_round_trips_through_a_recipe_file(fixture_json, tmp_path, 
     shown = json.loads(capsys.readouterr().out)
     assert shown["resolved"]["dcd"]["alpha"] == 0.7 and shown["resolved"]["teacher"]["config"] == {"num_fusion_layers": 3}
     assert shown["resolved"]["dcd"]["total_steps"] == 3 * (80 // 32)  # 16 images x 5 captions, batches of 32
+    assert shown["resolved"]["total_steps"] == 3 * (80 // 32)  # fixed before training starts
     path = tmp_path / "recipe.json"
     path.write_text(json.dumps(shown["settings"]))
     cli.main(["distill", "--recipe", str(path), "--print-recipe"])

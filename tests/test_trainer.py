@@ -148,15 +148,3 @@ def test_corrupt_checkpoint_is_named(tmp_path):
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(RuntimeError, match="checkpoint.pt"):
         load_checkpoint(path)
-
-
-def test_claim_run_dir_clears_work_of_another_recipe(tmp_path):
-    from dcd.checkpoint import claim_run_dir
-
-    run = tmp_path / "stage"
-    assert claim_run_dir(run, {"alpha": 0.2, "directions": ("i2t",)}) is False  # nothing there yet
-    (run / "checkpoint.pt").write_text("half-trained")
-    assert claim_run_dir(run, {"alpha": 0.2, "directions": ("i2t",)}) is True  # same recipe: resume
-    assert (run / "checkpoint.pt").is_file()
-    assert claim_run_dir(run, {"alpha": 0.5, "directions": ("i2t",)}) is False  # other recipe: cleared
-    assert not (run / "checkpoint.pt").exists() and (run / "recipe.json").is_file()

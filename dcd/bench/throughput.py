@@ -30,9 +30,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-import students
 import teachers
-from teachers.precision import autocast, bf16_is_fast, cpu_bf16_flags
+from teachers.precision import PrecisionPlan, autocast, bf16_is_fast, cpu_bf16_flags
+from teachers.precision import plan as precision_plan
 
 __all__ = ["main", "matmul_gflops", "scoring_throughput", "step_breakdown", "top1_agreement"]
 
@@ -168,23 +168,24 @@ def step_breakdown(name: str, settings, splits, teacher, teacher_model, cache, s
                    work_dir: Path) -> Dict[str, Any]:
     """One student stage of ``make distill``: wall ms per step through the training loop, and its parts."""
     from dcd.distiller import Distiller
-    from dcd.pipeline import build_dual, train_student
+    from dcd.pipeline import build_student, train_student
+    from dcd.recipes import resolve, role_of
     from dcd.report import read_metrics
+    from dcd.stages import weights_sha256
 
     kind, method = name.split("-")
     use_teacher = method == "dcd"
+    role = role_of(kind, use_teacher)
+    recipe = resolve(replace(settings, max_steps=steps), splits["train"]).with_teacher_weights(
+        weights_sha256(teacher_model))
 
     def build():
-        if kind == "dual":
-            return build_dual(settings, teacher)
-        torch.manual_seed(settings.seed)
-        return students.create_student("fusion", teacher=teacher_model)
+        return build_student(kind, recipe, teacher, teacher_model)
 
     # 1. the real loop, as make distill runs it (steady state: first logged step to the last)
-    timed = replace(settings, max_steps=steps)
-    train_student(name, build(), teacher if use_teacher else None, timed, splits, work_dir,
-                  cache if use_teacher else None)
-    logged = [r for r in read_metrics(work_dir / name / "metrics.jsonl") if "elapsed_s" in r]
+    _, summary = train_student(role, build(), teacher if use_teacher else None, recipe, splits, work_dir,
+                               cache if use_teacher else None)
+    logged = [r for r in read_metrics(Path(summary["stage"]) / "metrics.jsonl") if "elapsed_s" in r]
     first, last = logged[0], logged[-1]
     step_ms = 1000 * (last["elapsed_s"] - first["elapsed_s"]) / (last["step"] - first["step"])
 
@@ -193,22 +194,19 @@ def step_breakdown(name: str, settings, splits, teacher, teacher_model, cache, s
     train = splits["train"]
     # a view of its own, so that the clock below wraps no method of the teacher the other stages share
     own_teacher = teachers.Teacher(teacher.model, teacher.precision) if use_teacher else None
-    distiller = Distiller(own_teacher, student,
-                          settings.dcd_config(use_teacher=use_teacher), train.captions, train.caption_image_tensor(),
-                          score_cache=cache if use_teacher else None)
-    if distiller.config.alpha_schedule != "constant":
-        distiller.config.total_steps = steps
+    distiller = Distiller(own_teacher, student, recipe.dcd_config(role), train.captions, train.caption_image_tensor(),
+                          score_cache=cache if use_teacher else None)  # the recipe's step count: ``steps``
     from dcd.data import TrainPairs
 
     dataset, collate = TrainPairs(train, distiller.transforms()), distiller.collate()
     generator = torch.Generator().manual_seed(0)
-    batch_size = settings.budget().batch_size
+    batch_size = recipe.budget.batch_size
     started = time.perf_counter()
     batches = [collate([dataset[int(i)] for i in torch.randint(len(dataset), (batch_size,), generator=generator)])
                for _ in range(steps)]
     data_ms = 1000 * (time.perf_counter() - started) / steps
     optimizer = torch.optim.AdamW(distiller.trainable_parameters(), lr=1e-5)
-    precision = settings.precision_plan().training(kind)
+    precision = PrecisionPlan(**recipe.precision).training(kind)
     clock = _Clock(distiller.teacher, ("encode_images", "encode_texts", "score_feature_pairs")) \
         if use_teacher else None
     parts = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
@@ -268,6 +266,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     from dcd.pipeline import DistillSettings, load_data, teacher_score_cache
+    from dcd.recipes import resolve
+    from dcd.stages import weights_sha256
 
     images = args.images or (30 if args.quick else 150)
     steps = args.steps or (10 if args.quick else 30)
@@ -276,7 +276,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     stages = (args.stages or ("dual-baseline,dual-dcd" if args.quick else
                               "dual-baseline,dual-dcd,fusion-baseline,fusion-dcd")).split(",")
     settings = DistillSettings(progress=False)
-    plan = settings.precision_plan()
+    plan = precision_plan(settings.precision, settings.device)
     results: Dict[str, Any] = {"environment": environment(), "precision_plan": plan.to_dict(),
                                "command": " ".join(["python benchmarks/throughput.py", *(argv if argv is not None
                                                                                            else sys.argv[1:])])}
@@ -308,7 +308,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     teacher = teachers.as_teacher(model, plan.scoring)  # the teacher's passes stay at the plan's scoring precision
     with tempfile.TemporaryDirectory() as scratch:
-        cache = teacher_score_cache(teacher, settings, splits["train"], Path(scratch)) \
+        recipe = resolve(settings, splits["train"]).with_teacher_weights(weights_sha256(model))
+        cache = teacher_score_cache(teacher, recipe, splits["train"], Path(scratch)) \
             if any(s.endswith("-dcd") for s in stages) else None
         runs = [("training_steps", settings)]
         if args.compare_fp32 and "bf16" in (plan.dual, plan.cross):  # the same stages with fp32 training

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from .errors import DataError
-from .karpathy import CaptionSplit, _field, read_json
+from .karpathy import CaptionSplit, json_field, read_json
 
 __all__ = ["load_coco_captions", "is_coco_annotation"]
 
@@ -51,21 +51,21 @@ def coco_from_data(data: Any, path: Path, image_root: Optional[PathLike] = None,
     image_root = Path(image_root) if image_root is not None else path.parent
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a COCO annotation object, got {type(data).__name__}")
-    images = _field(data, "images", f"{path} (top level)", list)
-    annotations = _field(data, "annotations", f"{path} (top level)", list)
+    images = json_field(data, "images", f"{path} (top level)", list)
+    annotations = json_field(data, "annotations", f"{path} (top level)", list)
     known = set()
     for i, img in enumerate(images):
         where = f"{path}: images[{i}]"
-        image_id = _field(img, "id", where, (int, str))
-        _field(img, "file_name", where, str)
+        image_id = json_field(img, "id", where, (int, str))
+        json_field(img, "file_name", where, str)
         if image_id in known:
             raise DataError(f"{where}: duplicate image id {image_id!r}")
         known.add(image_id)
     for k, ann in enumerate(annotations):
         where = f"{path}: annotations[{k}]"
-        _field(ann, "id", where, (int, str))
-        image_id = _field(ann, "image_id", where, (int, str))
-        caption = _field(ann, "caption", where, str)
+        json_field(ann, "id", where, (int, str))
+        image_id = json_field(ann, "image_id", where, (int, str))
+        caption = json_field(ann, "caption", where, str)
         if image_id not in known:
             raise DataError(f"{where}: image_id {image_id!r} is not in 'images'")
         if not caption.strip():

@@ -23,7 +23,7 @@ import torch
 
 from .errors import DataError
 
-__all__ = ["CaptionSplit", "load_karpathy", "KARPATHY_SPLITS", "read_json"]
+__all__ = ["CaptionSplit", "load_karpathy", "KARPATHY_SPLITS", "read_json", "json_field"]
 
 log = logging.getLogger("dcd.data")
 
@@ -164,7 +164,8 @@ def read_json(path: PathLike) -> Any:
         raise DataError(f"cannot read {path}: {exc}") from exc
 
 
-def _field(entry: Any, key: str, where: str, kind: Union[type, Tuple[type, ...]] = object) -> Any:
+def json_field(entry: Any, key: str, where: str, kind: Union[type, Tuple[type, ...]] = object) -> Any:
+    """``entry[key]`` of a parsed JSON object, checked to be a ``kind``; else a DataError naming ``where``."""
     if not isinstance(entry, dict):
         raise DataError(f"{where} is a {type(entry).__name__}, expected a JSON object")
     if key not in entry:
@@ -224,12 +225,12 @@ def karpathy_from_data(data: Any, path: Path, image_root: Optional[PathLike], sp
     image_root = Path(image_root) if image_root is not None else path.parent
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object with an 'images' list, got {type(data).__name__}")
-    images = _field(data, "images", f"{path} (top level)", list)
+    images = json_field(data, "images", f"{path} (top level)", list)
     dataset = data.get("dataset", path.stem)
     wanted = resolve_splits(split)
     unknown = [s for s in wanted if s not in KARPATHY_SPLITS]
 
-    splits_of = [_field(entry, "split", f"{path}: images[{i}]", str) for i, entry in enumerate(images)]
+    splits_of = [json_field(entry, "split", f"{path}: images[{i}]", str) for i, entry in enumerate(images)]
     present: Dict[str, int] = {}
     for s in splits_of:
         present[s] = present.get(s, 0) + 1
@@ -254,11 +255,11 @@ def karpathy_from_data(data: Any, path: Path, image_root: Optional[PathLike], sp
     for i in selected:
         entry = images[i]
         where = f"{path}: images[{i}]"
-        filename = _field(entry, "filename", where, str)
+        filename = json_field(entry, "filename", where, str)
         filepath = entry.get("filepath", "")
         if not isinstance(filepath, str):
             raise DataError(f"{where}: field 'filepath' should be str, got {type(filepath).__name__}")
-        sentences = _field(entry, "sentences", f"{where} ({filename})", list)
+        sentences = json_field(entry, "sentences", f"{where} ({filename})", list)
         image_id = entry.get("cocoid", entry.get("imgid", filename))
         index = len(image_paths)
         image_paths.append(image_root / filepath / filename if filepath else image_root / filename)
@@ -267,7 +268,7 @@ def karpathy_from_data(data: Any, path: Path, image_root: Optional[PathLike], sp
             no_captions += 1
         for j, sentence in enumerate(sentences):
             swhere = f"{where} ({filename}) sentences[{j}]"
-            raw = _field(sentence, "raw", swhere, str).strip()
+            raw = json_field(sentence, "raw", swhere, str).strip()
             if not raw:
                 raise DataError(f"{swhere}: field 'raw' is empty")
             captions.append(raw)

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Tuple
 
+from ..stages import student_dir
 from .ann import INDEX_TYPES, AnnParams
 
 __all__ = ["add_index_parser", "add_search_parser", "run"]
@@ -28,7 +29,8 @@ def add_index_parser(sub) -> argparse.ArgumentParser:
                     "run continues at the next unwritten chunk. Under torchrun every rank encodes its share.")
     p.add_argument("out", metavar="INDEX", help="index directory to write (new, empty, or one dcd index wrote before)")
     p.add_argument("--student", required=True,
-                   help="the dual student: a save_pretrained directory (e.g. runs/meter-synthetic/dcd/student)")
+                   help="the dual student: a save_pretrained directory, its stage folder, or a run folder (e.g. "
+                        "runs/meter-synthetic: the DCD dual student of its last run)")
     g = p.add_argument_group("what to index (an image folder and / or a caption file, or a split)")
     g.add_argument("--images", metavar="FOLDER", help="image folder, searched recursively for jpg / png / webp")
     g.add_argument("--captions", metavar="FILE", help="captions: .jsonl (objects with a 'caption' field, other fields "
@@ -99,21 +101,21 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _index(args: argparse.Namespace) -> int:
-    from ..cli import _init_distributed, _shutdown_distributed
+    from ..runtime import distributed_info, init_distributed, shutdown_distributed
     from .corpus import load_corpora
-    from .search import Index, _distributed
+    from .search import Index
 
     corpora = load_corpora(args.images, args.captions, args.data, args.data_root, args.split, args.modality)
     params = AnnParams(index_type=args.index_type, flat_max=args.flat_max, hnsw_max=args.hnsw_max, hnsw_m=args.hnsw_m,
                        ef_construction=args.ef_construction, ef_search=args.ef_search, nlist=args.nlist,
                        nprobe=args.nprobe, pq_bytes=args.pq_bytes, refine=args.refine)
-    device = _init_distributed(args.device)
-    index = Index.build(args.student, corpora, args.out, params, chunk_size=args.chunk_size,
+    device = init_distributed(args.device)
+    index = Index.build(student_dir(args.student), corpora, args.out, params, chunk_size=args.chunk_size,
                         batch_size=args.batch_size, device=device, num_workers=args.num_workers,
                         progress=args.progress)
-    if _distributed()[0] == 0:
+    if distributed_info()[0] == 0:
         print(index.summary())
-    _shutdown_distributed()
+    shutdown_distributed()
     return 0
 
 
@@ -124,7 +126,7 @@ def _search(args: argparse.Namespace) -> int:
         raise SearchError("give a caption or --image PATH, not both")
     if args.image is None and (args.query is None or not args.query.strip()):
         raise SearchError("empty query: give a caption, or an image with --image PATH")
-    index = Index.load(args.index, args.student, args.device)
+    index = Index.load(args.index, student_dir(args.student) if args.student else None, args.device)
     reranker, name = _reranker(args)
     query = Path(args.image) if args.image is not None else args.query
     hits = index.search(query, k=args.k, target=args.target, rerank=reranker, rerank_k=args.rerank_k,
@@ -156,7 +158,8 @@ def _reranker(args: argparse.Namespace) -> Tuple[Optional[object], Optional[str]
             raise SearchError("--rerank fusion needs --reranker DIR (a saved fusion student)")
         import students
 
-        return students.load_student(args.reranker).to(args.device), f"fusion student {args.reranker}"
+        return students.load_student(student_dir(args.reranker, "fusion")).to(args.device), \
+            f"fusion student {args.reranker}"
     if args.reranker:
         raise SearchError("--reranker is for --rerank fusion; --rerank teacher takes --teacher / --teacher-checkpoint")
     import teachers

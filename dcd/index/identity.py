@@ -1,54 +1,45 @@
-"""Which student made an index: its family, architecture config, training recipe and a hash of its weights.
+"""Which student made an index: its family, architecture config, its stage (the training identity and its hash,
+:mod:`dcd.stages`) and the sha256 of its weights.
 
 Vectors from two students live in different spaces even when their shapes agree, so a query encoded
 by any student other than the one that built the index is refused (:func:`check_student`).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
 
-from ..checkpoint import RECIPE_NAME
 from ..data import DataError
+from ..stages import read_stage, weights_sha256
 
-__all__ = ["StudentMismatch", "check_student", "student_identity", "weights_sha256"]
+__all__ = ["StudentMismatch", "check_student", "describe_student"]
 
 
 class StudentMismatch(DataError):
     """A query through an index built by another student (or by other weights of the same one)."""
 
 
-def weights_sha256(model: torch.nn.Module) -> str:
-    """sha256 over every state-dict entry (name, dtype, shape and raw bytes), in name order."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        tensor = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+def describe_student(student: torch.nn.Module, path: Optional[Path] = None) -> Dict[str, Any]:
+    """What the index records of ``student`` (saved in ``path``, if it came from a directory): the weights it must
+    be queried with, and where it came from.
 
-
-def student_identity(student: torch.nn.Module, path: Optional[Path] = None) -> Dict[str, Any]:
-    """JSON-able identity of ``student`` (saved in ``path``, if it came from a directory).
-
-    ``recipe`` is the training recipe ``dcd distill`` records beside a stage's ``student/`` folder
-    (``recipe.json`` one level up), when there is one.
+    ``stage`` is the hash of the student stage it was trained in and ``recipe`` that stage's identity
+    (:meth:`dcd.recipes.Recipe.identity`, the ``stage.json`` one level up from a ``dcd distill`` student), when
+    there is one.
     """
     config = getattr(student, "config", None)
     config = config.to_dict() if hasattr(config, "to_dict") else None
-    recipe = None
-    if path is not None and (Path(path).parent / RECIPE_NAME).is_file():
-        recipe = json.loads((Path(path).parent / RECIPE_NAME).read_text())
+    stage = read_stage(Path(path).parent) if path is not None else None
     return json.loads(json.dumps({
         "family": getattr(student, "family", type(student).__name__),
         "weights_sha256": weights_sha256(student),
         "path": str(Path(path).resolve()) if path is not None else None,
         "config": config,
-        "recipe": recipe,
+        "stage": stage["fingerprint"] if stage else None,
+        "recipe": stage["identity"] if stage else None,
     }, default=str))
 
 

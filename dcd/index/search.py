@@ -1,6 +1,6 @@
 """:class:`Index`: build an index directory with a dual student, load it, search it (and re-rank).
 
-    index = Index.build("runs/meter-synthetic/dcd/student", "photos/", "photos.idx")   # or a Corpus / split
+    index = Index.build(student_dir("runs/meter-synthetic"), "photos/", "photos.idx")   # or a Corpus / split
     index = Index.load("photos.idx")                      # loads the student recorded in index.json
     hits = index.search("a red circle left of a blue square", k=10)
     hits.ids, hits.scores, hits.items                      # ids are rows of the index; items their metadata
@@ -21,17 +21,16 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
-import torch
 from PIL import Image
 
 from teachers.base import Scorer
 
-from ..checkpoint import claim_run_dir
 from ..data import DataError, load_image
+from ..runtime import distributed_info
 from . import ann, store
 from .corpus import MODALITIES, as_corpora
 from .encode import encode_chunks, encode_images, encode_texts, merge_chunks
-from .identity import check_student, student_identity
+from .identity import check_student, describe_student
 from .rerank import rerank_scores
 
 __all__ = ["Hits", "Index", "SearchError"]
@@ -71,15 +70,6 @@ def _earlier_modalities(path: Path) -> Dict[str, Any]:
         return store.read_meta(path).get("modalities", {}) if (path / store.META_NAME).is_file() else {}
     except store.IndexFileError:
         return {}
-
-
-def _distributed():
-    """``(rank, world_size, barrier)`` under torchrun, else ``(0, 1, no-op)``."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), dist.barrier
-    return 0, 1, lambda: None
 
 
 def _as_student(student, device) -> tuple:
@@ -129,20 +119,20 @@ class Index:
         corpora = as_corpora(corpus)
         ann_params = ann_params or ann.AnnParams()
         path = Path(path)
-        rank, world, barrier = _distributed()
+        rank, world, barrier = distributed_info()
         main = rank == 0
         if main:
             store.prepare_dir(path)
         barrier()
-        identity = student_identity(student, student_path)
+        identity = describe_student(student, student_path)
         old = _earlier_modalities(path)
         modalities: Dict[str, Any] = {}
         for corpus in corpora:
             directory = path / corpus.modality
             recipe = {"format": store.FORMAT, "student": identity["weights_sha256"], "corpus": corpus.fingerprint(),
                       "chunk_size": chunk_size}
-            if main:  # other work in the folder is cleared: merged vectors there now are this recipe's
-                claim_run_dir(directory, recipe)
+            if main:  # the index path is the user's output: other vectors there give way to this recipe's
+                store.claim_modality_dir(directory, recipe)
             barrier()
             reused = (directory / store.VECTORS).is_file()
             started = time.perf_counter()

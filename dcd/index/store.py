@@ -42,6 +42,10 @@ class IndexFileError(DataError):
     """A missing, foreign or damaged index directory."""
 
 
+#: what a modality folder's vectors were made by
+RECIPE_FILE = "recipe.json"
+
+
 def prepare_dir(path: Path) -> None:
     """Make ``path`` an index folder: new, empty, or one dcd made before (never someone else's files)."""
     path = Path(path)
@@ -51,6 +55,22 @@ def prepare_dir(path: Path) -> None:
         raise IndexFileError(f"{path} holds files and is not a dcd index folder: give a new or empty folder")
     path.mkdir(parents=True, exist_ok=True)
     (path / MARKER).touch()
+
+
+def claim_modality_dir(directory: Path, recipe: Dict[str, Any]) -> bool:
+    """Make a modality folder of an index hold only vectors made by ``recipe`` (format, student, corpus, chunk
+    size); True when it already did (they are reused). An index path is the user's named output, written over
+    like a file: vectors of another student or corpus there give way (the run stages that made them, students
+    and teachers, are never touched)."""
+    directory = Path(directory)
+    recipe = json.loads(json.dumps(recipe))
+    path = directory / RECIPE_FILE
+    kept = path.is_file() and json.loads(path.read_text()) == recipe
+    if not kept and directory.is_dir():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_json(path, recipe, indent=1, sort_keys=False, newline=False)
+    return kept
 
 
 def clear_other_modalities(path: Path, keep: List[str]) -> None:
