@@ -34,6 +34,7 @@ from .pipeline import STUDENT_DIR, RunSetup, build_student, count_parameters, se
 from .recipes import DistillSettings, Recipe, resolve, role_of
 from .score_matrices import cached_score_matrix, stored_score_info
 from .stages import stage_dir, weights_sha256
+from .stats import mean_interval
 from .trainer import is_main_process, world_size
 
 log = logging.getLogger(__name__)
@@ -253,7 +254,7 @@ def paired_differences(records: List[Dict[str, Any]], metric: str = "test_rsum",
             groups.setdefault((teacher, kind, method, reference), []).append(
                 value - values[(teacher, kind, reference, seed)])
     return [{"teacher": t, "student": k, "method": m, "against": ref, "pairs": len(d), "mean": statistics.fmean(d),
-             "std": statistics.stdev(d) if len(d) > 1 else 0.0, "differences": d}
+             "std": statistics.stdev(d) if len(d) > 1 else 0.0, "ci95": mean_interval(d), "differences": d}
             for (t, k, m, ref), d in groups.items()]
 
 
@@ -285,13 +286,15 @@ def _paired_table(title: str, pairs: List[Dict[str, Any]], show_reference: bool 
     if not pairs:
         return []
     reference_head, reference_rule = ("full recipe | ", "---|") if show_reference else ("", "")
-    lines = ["", title, "", f"| teacher | student | method | {reference_head}pairs | mean ± std | per seed |",
-             f"|---|---|---|{reference_rule}---|---|---|"]
+    lines = ["", title, "", f"| teacher | student | method | {reference_head}pairs | mean ± std | 95 % CI (t) | "
+             "per seed |", f"|---|---|---|{reference_rule}---|---|---|---|"]
     for p in pairs:
         reference = f"{p['against']} | " if show_reference else ""
         spread = f" ± {p['std']:.1f}" if p["pairs"] > 1 else ""
+        interval = p.get("ci95")
+        shown = f"[{interval[0]:+.1f}, {interval[1]:+.1f}]" if interval else "-"
         lines.append(f"| {p['teacher']} | {p['student']} | {p['method']} | {reference}{p['pairs']} | "
-                     f"{p['mean']:+.1f}{spread} | {', '.join(f'{d:+.1f}' for d in p['differences'])} |")
+                     f"{p['mean']:+.1f}{spread} | {shown} | {', '.join(f'{d:+.1f}' for d in p['differences'])} |")
     return lines
 
 

@@ -392,14 +392,26 @@ def test_paired_differences_and_val_curves(tmp_path):
                                ("dcd", 2, 400.0))]  # seed 2 has no baseline: left out of the pairs
     (pair,) = ablations.paired_differences(records)
     assert pair["method"] == "dcd" and pair["differences"] == [5.0, -1.0] and pair["mean"] == pytest.approx(2.0)
-    assert "| meter | dual | dcd | 2 | +2.0 ± 4.2 | +5.0, -1.0 |" in ablations.markdown_table(records)
+    assert "| meter | dual | dcd | 2 | +2.0 ± 4.2 | [-36.1, +40.1] | +5.0, -1.0 |" in ablations.markdown_table(records)
     single = [r for r in records if r["seed"] == 0]  # one pair: a difference, no spread
-    assert "| meter | dual | dcd | 1 | +5.0 | +5.0 |" in ablations.markdown_table(single)
+    assert "| meter | dual | dcd | 1 | +5.0 | - | +5.0 |" in ablations.markdown_table(single)
     log = tmp_path / "dual" / "dcd" / "seed0" / "metrics.jsonl"
     log.parent.mkdir(parents=True)
     log.write_text("\n".join(json.dumps({"step": e * 10, "epoch": e, "eval": {"rsum": 100.0 + e}}) for e in (1, 2)))
     assert ablations.plot_val_curves(tmp_path, records, tmp_path / "curves.png").is_file()
     assert ablations.plot_val_curves(tmp_path / "empty", records, tmp_path / "none.png") is None
+
+
+def test_paired_differences_carry_a_t_interval():
+    from dcd.stats import mean_interval, t_quantile_975
+
+    low, high = mean_interval([1.0, 2.0, 3.0, 4.0, 5.0])  # mean 3, sd 1.581, 4 degrees of freedom: t 2.776
+    assert (low, high) == pytest.approx((3 - 2.776 * 1.5811 / 5 ** 0.5, 3 + 2.776 * 1.5811 / 5 ** 0.5), abs=1e-3)
+    assert mean_interval([4.0]) is None and t_quantile_975(100) == 1.96
+    records = [{"teacher": "meter", "student": "dual", "method": m, "seed": s, "params": 1, "test_rsum": v}
+               for s, (b, d) in enumerate([(300, 330), (310, 335), (305, 331)]) for m, v in (("baseline", b), ("dcd", d))]
+    (pair,) = ablations.paired_differences(records)
+    assert pair["ci95"][0] > 0  # +30, +25, +26: separable from zero at 95 %
 
 
 def test_each_ablation_row_is_paired_with_the_full_recipe_it_takes_parts_out_of():
@@ -414,12 +426,12 @@ def test_each_ablation_row_is_paired_with_the_full_recipe_it_takes_parts_out_of(
     assert parts["vanilla_kd_denoised_t2i"]["against"] == "dcd_denoised_t2i"
     assert parts["vanilla_kd_denoised_t2i"]["differences"] == [-5.0, 2.0]
     table = ablations.markdown_table(records)
-    assert "| meter | dual | vanilla_kd_denoised_t2i | dcd_denoised_t2i | 2 | -1.5 ± 4.9 | -5.0, +2.0 |" in table
-    assert "| meter | dual | vanilla_kd | dcd | 1 | -10.0 | -10.0 |" in table
+    assert "| meter | dual | vanilla_kd_denoised_t2i | dcd_denoised_t2i | 2 | -1.5 ± 4.9 | [-46.0, +43.0] | -5.0, +2.0 |" in table
+    assert "| meter | dual | vanilla_kd | dcd | 1 | -10.0 | - | -10.0 |" in table
     assert "two-direction baseline" not in table  # no baseline_t2i record: no such table
     control = [{"teacher": "meter", "student": "dual", "method": "baseline_t2i", "seed": 1, "params": 1,
                 "test_rsum": 340.0}]
-    assert "| meter | dual | dcd_denoised_t2i | 1 | +10.0 | +10.0 |" in ablations.markdown_table(records + control)
+    assert "| meter | dual | dcd_denoised_t2i | 1 | +10.0 | - | +10.0 |" in ablations.markdown_table(records + control)
     # every paper ablation and every ablation of the two-direction recipe has its full recipe
     assert set(ablations.ABLATION_OF) == {"vanilla_kd", "dcd_random_negatives", "dcd_uniform_weights",
                                           "dcd_static_alpha"} | {f"{m}_denoised_t2i" for m in (
