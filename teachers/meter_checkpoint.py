@@ -52,9 +52,12 @@ def read_checkpoint(path: str | Path, trusted: bool = False, family: str = "METE
                     ) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
     """``(state_dict, hyper_parameters)`` of a Lightning ``.ckpt`` (or a bare state dict / safetensors file).
 
-    Loads with ``weights_only=True``; a file that pickles other Python objects is refused with a
-    ``CheckpointError`` unless ``trusted=True`` (then ``weights_only=False``: only for files you trust).
-    ``family`` names the teacher in the messages (the ViLT loader reads its ``.ckpt`` files here too).
+    Loads with ``weights_only=True``; a file that pickles other Python objects (the released Lightning files:
+    callback classes, ``AttributeDict``, ``Namespace``) is read again by :mod:`teachers.safe_pickle`, where those
+    objects stay inert placeholders and hyper-parameters read back as plain dicts; a file that tries to call
+    anything is refused with a ``CheckpointError`` and nothing in it runs. ``trusted=True`` unpickles in full
+    (``weights_only=False``: only for files you trust). ``family`` names the teacher in the messages (the ViLT
+    loader reads its ``.ckpt`` files here too).
     """
     path = Path(path)
     if not path.is_file():
@@ -65,12 +68,17 @@ def read_checkpoint(path: str | Path, trusted: bool = False, family: str = "METE
         return load_file(str(path)), {}
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not trusted)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"{path} holds pickled objects that torch.load(weights_only=True) refuses ({str(err).splitlines()[0]}); "
-            f"if you trust the file, load it with trusted=True "
-            f"(create_teacher('{family.lower()}', checkpoint=..., trusted=True))"
-        ) from None
+    except pickle.UnpicklingError:
+        from . import safe_pickle
+
+        try:
+            obj = safe_pickle.plain(safe_pickle.load(path))
+        except safe_pickle.UnsafePickle as err:
+            raise CheckpointError(
+                f"{family} checkpoint {path} was refused: {err}; nothing in it was run. A released checkpoint never "
+                f"does that: if you wrote this file yourself and trust it, load it with trusted=True "
+                f"(create_teacher('{family.lower()}', checkpoint=..., trusted=True))"
+            ) from None
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict or a state dict")
     hparams: Dict[str, Any] = {}

@@ -218,12 +218,14 @@ class _Opaque:  # a pickled object that weights_only loading refuses
     pass
 
 
-def test_checkpoint_with_pickled_objects_needs_trust(tmp_path):
+def test_checkpoint_with_pickled_objects_loads_them_inert(tmp_path):
+    """weights_only refuses the object; the allow-listed unpickler reads it as an inert placeholder (no trust needed:
+    tests/test_released_checkpoints.py has the released layout and a payload that is refused)."""
     model = _model()
     path = tmp_path / "opaque.ckpt"
     torch.save({"state_dict": model.state_dict(), "callbacks": _Opaque()}, path)
-    with pytest.raises(CheckpointError, match="trusted=True"):
-        create_meter(checkpoint=str(path), preset="roberta32x1-vit32x2")
+    loaded = create_meter(checkpoint=str(path), preset="roberta32x1-vit32x2")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
     assert isinstance(create_meter(checkpoint=str(path), preset="roberta32x1-vit32x2", trusted=True), METER)
 
 
