@@ -115,8 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("teacher", allow_abbrev=False, help="train (once) and evaluate the embedded teacher")
     p.add_argument("--teacher", default="meter", help="meter | vilt")
-    p.add_argument("--data", default="synthetic", choices=("synthetic",))
-    p.add_argument("--data-root")
+    p.add_argument("--data", default="synthetic",
+                   help="synthetic (the embedded set), or your own Karpathy / COCO caption json: the embedded recipe "
+                        "trains the teacher on its train split (a val split is held out of train when it has none)")
+    p.add_argument("--data-root", help="where the images of --data are (default: beside the json)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--teacher-config", action="append", metavar="KEY=VALUE",
                    help="override the embedded teacher's training (epochs, max_steps, lr, group_size) or model config "
@@ -293,26 +295,31 @@ def _run(args: argparse.Namespace) -> int:
 
         from teachers import as_teacher
 
-        from .data import load_split
-        from .recipes import parse_overrides
+        from .pipeline import load_data
+        from .recipes import DistillSettings, parse_overrides, resolve
         from .score_matrices import cached_score_matrix
         from .teacher_training import embedded_teacher
 
-        test = load_split(args.data, args.data_root, split="test")
-        model, info = embedded_teacher(args.teacher, load_split(args.data, args.data_root, split="train"),
-                                       device=args.device, overrides=parse_overrides(args.teacher_config))
+        settings = DistillSettings(teacher=args.teacher, data=args.data, data_root=args.data_root, device=args.device,
+                                   teacher_config=parse_overrides(args.teacher_config), out=args.out)
+        splits = load_data(settings)  # a user's own file: unreadable images skipped and listed, val carved if absent
+        recipe = resolve(settings, splits["train"])
+        if recipe.teacher["training"] is None:
+            raise SystemExit(f"dcd: error: dcd teacher trains on the embedded set or on your own data file, not on "
+                             f"--data {args.data}: bring its fine-tuned checkpoint (--teacher-checkpoint) to distill")
+        test = splits["eval"]
+        model, info = embedded_teacher(args.teacher, splits["train"], device=args.device,
+                                       overrides=settings.teacher_config, precision=recipe.precision["cross"],
+                                       identity=recipe.identity("teacher"))
         # the exhaustive val and test scores, cached beside the teacher: students and ablations reuse them
-        for split in (load_split(args.data, args.data_root, split="val"), test):
+        for split in (splits["val"], test):
             _, scored = cached_score_matrix(as_teacher(model), split, Path(info["path"]).parent / "scores", args.device)
             info[split.name] = {**scored["metrics"], "elapsed_s": scored["elapsed_s"]}
         print(json.dumps(info, indent=1))
         if args.compare_dual:
-            from .pipeline import DistillSettings, equal_time_dual
+            from .pipeline import equal_time_dual
 
-            splits = {role: load_split(args.data, args.data_root, split=name)
-                      for role, name in (("train", "train"), ("val", "val"), ("eval", "test"))}
-            run_dir = DistillSettings(teacher=args.teacher, data=args.data, out=args.out).run_dir()
-            dual = equal_time_dual(info["train_seconds"], splits, run_dir, device=args.device)
+            dual = equal_time_dual(info["train_seconds"], splits, settings.run_dir(), device=args.device)
             print(json.dumps({"equal_time_dual": dual}, indent=1))
             print(_teacher_vs_dual(args.teacher, info, dual, test.name))
         return 0

@@ -27,9 +27,9 @@ from teachers.files import write_text
 from teachers.precision import PrecisionPlan
 
 from . import retrieval
-from .data import CaptionSplit, load_split
+from .data import CaptionSplit, load_split, readable
 from .distiller import Distiller
-from .recipes import ROLES, DistillSettings, Recipe, resolve
+from .recipes import NAMED_DATA, ROLES, DistillSettings, Recipe, resolve
 from .report import plot_training_curves, read_metrics, results_table
 from .score_matrices import cached_score_matrix, plateau_k, rerank_curve
 from .teacher_training import embedded_teacher
@@ -49,9 +49,13 @@ STUDENTS_DIR = "students"
 
 # ---------------------------------------------------------------------------------------------- setup
 def load_data(settings: DistillSettings) -> Dict[str, CaptionSplit]:
-    """Train / val / evaluation splits of the chosen data set (the embedded one is built on first use)."""
+    """Train / val / evaluation splits of the chosen data set (the embedded one is built on first use); a user's
+    own file is checked image by image, and an unreadable image is skipped and listed (:func:`dcd.data.readable`)."""
     names = {"train": "train", "val": "val", "eval": settings.eval_split}
-    return {role: load_split(settings.data, settings.data_root, split=name) for role, name in names.items()}
+    splits = {role: load_split(settings.data, settings.data_root, split=name) for role, name in names.items()}
+    if settings.data not in NAMED_DATA:
+        splits = {role: readable(split) for role, split in splits.items()}
+    return splits
 
 
 def load_teacher(recipe: Recipe, splits: Dict[str, CaptionSplit]) -> Tuple[Scorer, Dict[str, Any]]:
@@ -62,7 +66,8 @@ def load_teacher(recipe: Recipe, splits: Dict[str, CaptionSplit]) -> Tuple[Score
         return model, {"source": checkpoint}
     if recipe.teacher["training"] is None:
         raise ValueError(f"--data {recipe.data['source']} needs --teacher-checkpoint (the fine-tuned {family} "
-                         "retrieval checkpoint); only the embedded data set has a teacher dcd can train itself")
+                         "retrieval checkpoint); a teacher dcd trains itself is for the embedded set and for your "
+                         "own data file (--data my.json)")
     return embedded_teacher(family, splits["train"], device=recipe.device, progress=recipe.output["progress"],
                             overrides=recipe.teacher["config"], precision=recipe.precision["cross"],
                             identity=recipe.identity("teacher"))
@@ -339,6 +344,7 @@ def run_distill(settings: DistillSettings) -> Dict[str, Any]:
         "eval_split": splits["eval"].name, "total_seconds": round(time.time() - started, 1),
         "curves": str(curves) if curves else None,
         "stages": {role: str(path) for role, path in stage_paths.items()},
+        "skipped_images": sorted({line for split in splits.values() for line in split.meta.get("skipped", [])}),
     }
     if is_main_process():
         for role, path in stage_paths.items():  # each student's own figures, beside it: `dcd runs` reads them
@@ -348,6 +354,8 @@ def run_distill(settings: DistillSettings) -> Dict[str, Any]:
                                                          indent=1, default=str))
         write_text(run_dir / "results.json", json.dumps(results, indent=1, default=str))
         write_text(run_dir / "results.txt", table + "\n")
+        if results["skipped_images"]:
+            write_text(run_dir / "skipped_images.txt", "".join(f"{line}\n" for line in results["skipped_images"]))
         write_latest(run_dir, {**stage_paths, **({"score_cache": cache.directory} if cache is not None else {})},
                      results="results.json")
         print("\n" + table)

@@ -5,6 +5,8 @@ A run is described by what the user chose (CLI flags, Make variables or a recipe
 
 * ``embedded`` -- the generated data set with no checkpoint: a teacher dcd trains itself, the small
   dual student, a short budget and the settings chosen on its validation split;
+* ``own-data`` -- a user's own image-caption file (Karpathy or COCO caption json) and no checkpoint: the
+  embedded recipe on their data (a teacher dcd trains on their train split, the small dual student);
 * ``reference`` -- real data (COCO, Flickr30K, a Karpathy json) with an official checkpoint: the DCD
   paper's hyper-parameters.
 
@@ -22,7 +24,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
-__all__ = ["Budget", "Preset", "PRESETS", "EMBEDDED_DATA", "EMBEDDED_TEACHERS", "ROLES", "DistillSettings", "Recipe",
+__all__ = ["Budget", "Preset", "PRESETS", "EMBEDDED_DATA", "EMBEDDED_TEACHERS", "NAMED_DATA", "ROLES", "DistillSettings", "Recipe",
            "embedded_recipe", "preset_for", "resolve", "role_of", "read_recipe_file", "parse_overrides", "print_recipe",
            "training_steps", "RecipeError"]
 
@@ -133,9 +135,22 @@ def embedded_recipe(family: str, overrides: Optional[Dict[str, Any]] = None, pre
 
 
 
-def preset_for(data: str) -> Preset:
-    """The regime of a data-set choice: the embedded one for the generated set, the reference otherwise."""
-    return PRESETS["embedded" if data == EMBEDDED_DATA else "reference"]
+#: a user's own data with no checkpoint: the embedded recipe, teacher training included, on their files (the
+#: settings were chosen on the embedded set's val split; the first thing to tune on another set is the budget)
+PRESETS["own-data"] = replace(PRESETS["embedded"], name="own-data")
+
+#: the data sets named by dcd (anything else is a path to the user's own file)
+NAMED_DATA = ("synthetic", "coco", "flickr30k")
+
+
+def preset_for(data: str, teacher_checkpoint: Optional[str] = None) -> Preset:
+    """The regime of a data-set choice: the embedded one for the generated set, ``own-data`` for a user's file with
+    no checkpoint, the reference (the paper's fine-tuning) for real data with one."""
+    if data == EMBEDDED_DATA:
+        return PRESETS["embedded"]
+    if teacher_checkpoint is None and data not in NAMED_DATA:
+        return PRESETS["own-data"]
+    return PRESETS["reference"]
 
 
 #: student roles of a run -> (student kind, trained with the teacher)
@@ -198,7 +213,7 @@ class DistillSettings:
 
     def preset(self) -> Preset:
         """The named defaults of this run's regime (:data:`PRESETS`)."""
-        return preset_for(self.data)
+        return preset_for(self.data, self.teacher_checkpoint)
 
     @property
     def embedded(self) -> bool:

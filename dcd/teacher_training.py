@@ -45,7 +45,7 @@ from . import retrieval
 from .data import CaptionSplit, TrainPairs, collate_train, dcd_home
 from .data.neighbour_batches import NeighbourGrouping
 from .losses import contrastive_loss, self_loss
-from .recipes import EMBEDDED_TEACHERS, embedded_recipe
+from .recipes import EMBEDDED_DATA, EMBEDDED_TEACHERS, embedded_recipe
 from .stages import claim_stage, stage_dir, stage_lock
 from .trainer import TrainConfig, Trainer, is_main_process, seconds_trained
 
@@ -133,21 +133,24 @@ def finetune_teacher(model: Scorer, train: CaptionSplit, val: Optional[CaptionSp
 
 
 def embedded_identity(family: str, overrides: Optional[Dict[str, Any]] = None, precision: str = "auto",
-                      device: str = "cpu") -> Dict[str, Any]:
-    """The identity of the embedded ``family`` teacher (:meth:`dcd.recipes.Recipe.identity` of its stage), for
-    callers that have no recipe of their own (``dcd teacher``, ``dcd index``, the benchmarks)."""
+                      device: str = "cpu", data: str = EMBEDDED_DATA) -> Dict[str, Any]:
+    """The identity of the teacher dcd trains for ``family`` on ``data`` (the embedded set, or a user's own file):
+    :meth:`dcd.recipes.Recipe.identity` of its stage, for callers that have no recipe of their own (``dcd
+    index``, the benchmarks)."""
     from .recipes import DistillSettings, resolve
 
-    settings = DistillSettings(teacher=family, teacher_config=dict(overrides or {}), precision=precision, device=device)
+    settings = DistillSettings(teacher=family, teacher_config=dict(overrides or {}), precision=precision, device=device,
+                               data=data)
     return resolve(settings).identity("teacher")
 
 
 def teacher_dir(family: str, train: CaptionSplit, overrides: Optional[Dict[str, Any]] = None,
-                precision: str = "fp32", device: str = "cpu", identity: Optional[Dict[str, Any]] = None) -> Path:
-    """Where the embedded teacher of ``family`` for this data set lives: ``$DCD_HOME/teachers/<family>-<data
-    build>-<hash>``, one folder per identity (recipe, config overrides, training precision), so trying another
-    never touches the default teacher."""
-    identity = identity or embedded_identity(family, overrides, precision, device)
+                precision: str = "fp32", device: str = "cpu", identity: Optional[Dict[str, Any]] = None,
+                data: str = EMBEDDED_DATA) -> Path:
+    """Where the teacher dcd trains for ``family`` on this data lives: ``$DCD_HOME/teachers/<family>-<data
+    folder>-<hash>``, one folder per identity (recipe, data, config overrides, training precision), so trying
+    another never touches the default teacher."""
+    identity = identity or embedded_identity(family, overrides, precision, device, data)
     return stage_dir(dcd_home() / "teachers", f"{family}-{Path(str(train.source)).parent.name}", identity)
 
 
@@ -158,17 +161,19 @@ def embedded_architecture(family: str, recipe: Optional[Dict[str, Any]] = None) 
     return teachers.create_model(family, preset=recipe["preset"], **recipe.get("pretrained", {}), **recipe["overrides"])
 
 
-def find_embedded_teacher(family: str, train: CaptionSplit) -> Optional[Path]:
-    """The folder of a trained embedded ``family`` teacher made by the current recipe, or None: the one ``make
+def find_embedded_teacher(family: str, train: CaptionSplit, data: str = EMBEDDED_DATA) -> Optional[Path]:
+    """The folder of a ``family`` teacher dcd trained on ``data`` with the current recipe, or None: the one ``make
     distill`` trains on this machine (``--precision auto``), else one trained in fp32. Never trains one."""
     from teachers.precision import plan
 
     from .migrate import legacy_teacher_dir
 
     for precision in dict.fromkeys((plan("auto", "cpu").cross, "fp32")):
-        directory = teacher_dir(family, train, precision=precision)
+        directory = teacher_dir(family, train, precision=precision, data=data)
         if (directory / "teacher.json").is_file():
             return directory
+        if data != EMBEDDED_DATA:
+            continue
         legacy = legacy_teacher_dir(family, train, None, precision, embedded_recipe(family, precision=precision))
         if legacy is not None:
             return legacy

@@ -19,14 +19,14 @@ from teachers.registry import Registry
 from .coco import is_coco_annotation, load_coco_captions
 from .collate import TrainCollator, collate_train
 from .errors import DataError
-from .images import EvalImages, TrainPairs, load_image
+from .images import EvalImages, TrainPairs, load_image, readable
 from .karpathy import KARPATHY_SPLITS, CaptionSplit, load_karpathy, read_json
 from .synthetic import build_synthetic, dcd_home, default_data_root
 
 __all__ = [
     "CaptionSplit", "DATA_SETS", "DATASETS", "DataError", "EvalImages", "KARPATHY_SPLITS", "TrainCollator",
     "TrainPairs", "build_synthetic", "collate_train", "dcd_home", "default_data_root", "load_coco_captions",
-    "load_image", "load_karpathy", "load_split",
+    "load_image", "load_karpathy", "load_split", "readable",
 ]
 
 PathLike = Union[str, Path]
@@ -89,7 +89,7 @@ def load_split(
               (or ``root`` itself when that folder does not exist); default root ``$DCD_HOME/data/flickr30k``;
             * a ``.json`` path: a Karpathy split file (has ``images[].sentences``) or a COCO caption
               annotation file (has ``annotations``), detected from its keys.
-        root: the data set's folder (named data sets only).
+        root: the data set's folder (named data sets), or where an annotation file's images are.
         split: Karpathy split: ``"train"`` (= train + restval), ``"val"``, ``"test"``, ``"restval"``,
             ``"all"`` or a list. A COCO annotation file is one split by itself; ``split`` is ignored.
         image_root: override where images are looked up.
@@ -101,6 +101,8 @@ def load_split(
     path = Path(key).expanduser()
     if path.suffix.lower() != ".json" and not path.is_file():
         raise DataError(DATA_SETS.unknown(key))
+    if image_root is None and root is not None:  # an annotation file's --data-root: where its images are
+        image_root = root
     data = read_json(path)
     if is_coco_annotation(data):
         from .coco import coco_from_data

@@ -1,7 +1,9 @@
 """Safe image loading and the two image datasets (training pairs, evaluation images).
 
-``load_image`` decodes the whole file (``img.load()``) and converts to RGB; a missing, unreadable or
-truncated file raises :class:`DataError` naming the path. PIL's global
+``load_image`` decodes the whole file (``img.load()``) and converts it to RGB the way a person would see it:
+EXIF orientation applied (phone photos), transparency composited on :data:`BACKGROUND` (white, as a browser
+shows it; never black by accident), greyscale and CMYK converted, 16-bit files scaled to 8 bits (not clipped).
+A missing, unreadable or truncated file raises :class:`DataError` naming the path. PIL's global
 ``ImageFile.LOAD_TRUNCATED_IMAGES`` would make truncated JPEGs load silently (grey bottom rows); if
 some other library has switched it on, ``load_image`` switches it off for the duration of its own
 decode (under a lock) and restores it afterwards.
@@ -18,12 +20,15 @@ from pathlib import Path
 from typing import Callable, Dict, Iterator, Mapping, Optional, Set, Union
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 from torch.utils.data import Dataset
 
 from .errors import DataError
 
-__all__ = ["load_image", "TrainPairs", "EvalImages"]
+__all__ = ["BACKGROUND", "load_image", "readable", "to_rgb", "TrainPairs", "EvalImages"]
+
+#: what a transparent pixel shows through: white, as browsers and image viewers show a transparent PNG
+BACKGROUND = (255, 255, 255)
 
 log = logging.getLogger("dcd.data")
 
@@ -59,7 +64,7 @@ def load_image(path: Union[str, Path]) -> Image.Image:
     try:
         with _strict_truncation(), Image.open(path) as img:
             img.load()
-            return img.convert("RGB")
+            return to_rgb(img)
     except FileNotFoundError as exc:
         raise DataError(f"image file not found: {path}") from exc
     except IsADirectoryError as exc:
@@ -67,6 +72,45 @@ def load_image(path: Union[str, Path]) -> Image.Image:
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
         # UnidentifiedImageError and "image file is truncated" are OSErrors
         raise DataError(f"cannot decode image {path}: {exc}") from exc
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` upright, in 8-bit RGB: EXIF orientation applied, alpha composited on :data:`BACKGROUND`, 16-bit
+    and 32-bit greyscale scaled to 0..255, CMYK / palette / greyscale converted."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16 / 32-bit greyscale: scale, not clip at 255
+        array = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or array.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(array * (255.0 / top), 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info or img.mode in ("LA", "La", "PA"):
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "RGBa"):
+        background = Image.new("RGB", img.size, BACKGROUND)
+        background.paste(img, mask=img.getchannel("A"))
+        return background
+    return img.convert("RGB")
+
+
+def readable(split):
+    """``split`` without the images that do not decode (missing, corrupt, truncated, not an image): each is
+    logged with its reason and listed in the new split's ``meta["skipped"]`` (``"path: reason"``), and the run
+    goes on with the rest. Decodes every image once: for a user's own files, not for the named data sets."""
+    kept, skipped = [], []
+    for i, path in enumerate(split.image_paths):
+        try:
+            load_image(path)
+            kept.append(i)
+        except DataError as exc:
+            skipped.append(str(exc))
+    if not skipped:
+        return split
+    if not kept:
+        raise DataError(f"no image of split {split.name!r} ({split.source}) can be read: {skipped[0]}")
+    log.warning("split %r: skipping %d unreadable image(s) of %d: %s", split.name, len(skipped), split.num_images,
+                "; ".join(skipped))
+    out = split.select_images(kept)
+    out.meta["skipped"] = list(split.meta.get("skipped", [])) + skipped
+    return out
 
 
 Transforms = Union[Callable, Mapping[str, Callable]]

@@ -230,7 +230,8 @@ def karpathy_from_data(data: Any, path: Path, image_root: Optional[PathLike], sp
     wanted = resolve_splits(split)
     unknown = [s for s in wanted if s not in KARPATHY_SPLITS]
 
-    splits_of = [json_field(entry, "split", f"{path}: images[{i}]", str) for i, entry in enumerate(images)]
+    splits_of = carve_val([json_field(entry, "split", f"{path}: images[{i}]", str) for i, entry in enumerate(images)],
+                          path, "val" in wanted)
     present: Dict[str, int] = {}
     for s in splits_of:
         present[s] = present.get(s, 0) + 1
@@ -285,6 +286,28 @@ def karpathy_from_data(data: Any, path: Path, image_root: Optional[PathLike], sp
     if check_files:
         result.check_files()
     return result
+
+
+#: the share of training images held out as val in a file that has train and test but no val split
+VAL_SHARE = 0.1
+
+
+def carve_val(splits_of: List[str], path: Path, say: bool = False) -> List[str]:
+    """Image split labels with a val split carved from train when the file has train but no val (a user's own
+    data: choices need a split of their own): every ``1 / VAL_SHARE``-th training image, in file order, so the
+    same file always gives the same split and val spreads over the whole set. Unchanged otherwise."""
+    if "val" in splits_of or "train" not in splits_of:
+        return splits_of
+    train = [i for i, s in enumerate(splits_of) if s == "train"]
+    every = max(2, round(1 / VAL_SHARE))
+    held = set(train[every - 1::every]) or {train[-1]}
+    if len(held) == len(train):
+        raise DataError(f"{path}: {len(train)} training image(s) is too few to hold out a val split; add images "
+                        "or give some a \"split\": \"val\"")
+    if say:
+        log.info("%s has no val split: %d of its %d training images (every %dth) are held out as val", path,
+                 len(held), len(train), every)
+    return ["val" if i in held else s for i, s in enumerate(splits_of)]
 
 
 def _format_counts(counts: Dict[str, int]) -> str:
