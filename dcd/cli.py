@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="synthetic (the embedded set), or your own Karpathy / COCO caption json: the embedded recipe "
                         "trains the teacher on its train split (a val split is held out of train when it has none)")
     p.add_argument("--data-root", help="where the images of --data are (default: beside the json)")
+    p.add_argument("--teacher-checkpoint", help="fine-tune this checkpoint (official .ckpt, hub id or a saved teacher) "
+                                                "on --data instead of training the embedded model; then distil with "
+                                                "--teacher-checkpoint <the printed path>")
     p.add_argument("--device", default="cpu")
     p.add_argument("--teacher-config", action="append", metavar="KEY=VALUE",
                    help="override the embedded teacher's training (epochs, max_steps, lr, group_size) or model config "
@@ -301,7 +304,9 @@ def _run(args: argparse.Namespace) -> int:
         from .teacher_training import embedded_teacher
 
         settings = DistillSettings(teacher=args.teacher, data=args.data, data_root=args.data_root, device=args.device,
-                                   teacher_config=parse_overrides(args.teacher_config), out=args.out)
+                                   teacher_config=parse_overrides(args.teacher_config), out=args.out,
+                                   teacher_checkpoint=args.teacher_checkpoint,
+                                   finetune_teacher=args.teacher_checkpoint is not None)
         splits = load_data(settings)  # a user's own file: unreadable images skipped and listed, val carved if absent
         recipe = resolve(settings, splits["train"])
         if recipe.teacher["training"] is None:
@@ -310,7 +315,7 @@ def _run(args: argparse.Namespace) -> int:
         test = splits["eval"]
         model, info = embedded_teacher(args.teacher, splits["train"], device=args.device,
                                        overrides=settings.teacher_config, precision=recipe.precision["cross"],
-                                       identity=recipe.identity("teacher"))
+                                       identity=recipe.identity("teacher"), start=args.teacher_checkpoint)
         # the exhaustive val and test scores, cached beside the teacher: students and ablations reuse them
         for split in (splits["val"], test):
             _, scored = cached_score_matrix(as_teacher(model), split, Path(info["path"]).parent / "scores", args.device)

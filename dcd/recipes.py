@@ -173,6 +173,7 @@ class DistillSettings:
     data_root: Optional[str] = None
     teacher_checkpoint: Optional[str] = None
     teacher_config: Dict[str, Any] = field(default_factory=dict)  # overrides of the teacher's preset / saved config
+    finetune_teacher: bool = False  # dcd teacher --teacher-checkpoint: fine-tune that checkpoint on --data further
     student: Optional[str] = None  # dual student registry name; None: the small one (embedded) / "dual" (METER, real data)
     student_checkpoint: Optional[str] = None  # a save_pretrained dual student to start from
     out: Optional[str] = None
@@ -327,7 +328,7 @@ class Recipe:
         """
         teacher = {"family": self.teacher["family"], "checkpoint": self.teacher["checkpoint"],
                    "config": self.teacher["config"], "data": self.data["source"], "device_type": self._device_type(),
-                   "precision": self.precision["cross"] if self.teacher["checkpoint"] is None else None,
+                   "precision": self.precision["cross"] if self.teacher.get("training") else None,
                    "training": self.teacher.get("training")}
         if stage == "teacher":
             return teacher
@@ -374,8 +375,8 @@ def resolve(settings: DistillSettings, train=None, world_size: int = 1) -> Recip
         cache = {"pool_size": 2 * config["num_negatives"],
                  "near": config["num_negatives"] if preset.pool_near else 0, "seed": 0}
     training = None
-    if settings.teacher_checkpoint is None and preset.trains_teacher:
-        if settings.teacher in EMBEDDED_TEACHERS:
+    if (settings.teacher_checkpoint is None and preset.trains_teacher) or settings.finetune_teacher:
+        if settings.teacher in EMBEDDED_TEACHERS:  # the checkpoint, if any, is where this training starts
             training = embedded_recipe(settings.teacher, settings.teacher_config, plan.cross)
     return Recipe(
         name=preset.name,

@@ -183,14 +183,16 @@ def find_embedded_teacher(family: str, train: CaptionSplit, data: str = EMBEDDED
 def embedded_teacher(family: str, train: CaptionSplit, device: str = "cpu", progress: bool = True,
                      evaluate_on: Optional[CaptionSplit] = None,
                      overrides: Optional[Dict[str, Any]] = None,
-                     precision: str = "auto", identity: Optional[Dict[str, Any]] = None) -> Tuple[Scorer, Dict[str, Any]]:
+                     precision: str = "auto", identity: Optional[Dict[str, Any]] = None,
+                     start: Optional[str] = None) -> Tuple[Scorer, Dict[str, Any]]:
     """The embedded default's teacher of ``family``: trained once, then loaded from disk.
 
     ``overrides`` (``--teacher-config key=value``) change the training recipe (:data:`TRAINING_KEYS`, e.g.
     ``max_steps=3200``) or the preset's config (any other key, e.g. ``num_fusion_layers=3``); such a teacher is
     trained and kept in a folder of its own, as is one trained at another ``precision`` (fp32 / bf16 autocast;
     ``auto``: what pays on ``device`` for a cross-encoder, :func:`teachers.precision.choose`). ``identity``: the
-    run recipe's ``identity("teacher")``, when there is one. A teacher trained by an earlier dcd, in the folder
+    run recipe's ``identity("teacher")``, when there is one. ``start``: a checkpoint (official, or a teacher saved
+    by dcd) to fine-tune further with the recipe's training budget, instead of the recipe's untrained model. A teacher trained by an earlier dcd, in the folder
     it named then, is used where it is (:mod:`dcd.migrate`).
     """
     from teachers.precision import choose
@@ -211,11 +213,12 @@ def embedded_teacher(family: str, train: CaptionSplit, device: str = "cpu", prog
             model = teachers.create_model(family, checkpoint=weights)
             return model.to(device), {**json.loads(info_path.read_text()), "path": str(weights)}
         torch.manual_seed(0)
-        model = embedded_architecture(family, recipe)
+        model = teachers.create_model(family, checkpoint=start) if start else embedded_architecture(family, recipe)
         history = finetune_teacher(model, train, None, directory / "training", epochs=recipe["epochs"],
                                    lr=recipe["lr"], max_steps=recipe["max_steps"], device=device, progress=progress,
                                    group_size=recipe.get("group_size", 1), precision=precision)
-        info: Dict[str, Any] = {"family": family, "preset": recipe["preset"], "precision": precision,
+        info: Dict[str, Any] = {"family": family, "preset": None if start else recipe["preset"], "start": start,
+                                "precision": precision,
                                 "train_seconds": seconds_trained(history),
                                 "steps": recipe["max_steps"], "lr": recipe["lr"], "path": str(weights)}
         if evaluate_on is not None:

@@ -130,3 +130,30 @@ def test_own_data_end_to_end_without_a_checkpoint(own_data, tmp_path, capsys, un
               "--rerank-k", "8"])
     hits = json.loads(capsys.readouterr().out)["hits"]
     assert len(hits) == 5 and all(Path(h["item"]["path"]).parent == root for h in hits)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_is_fine_tuned_further_on_own_data(own_data, tmp_path, capsys, unit_teacher_recipe):
+    import torch
+
+    import teachers
+    from teachers.meter import meter_preset
+
+    path, root = own_data
+    unit_teacher_recipe(max_steps=2)
+    start = tmp_path / "start"
+    meter_preset("roberta32x1-vit32x2").save_pretrained(start)
+    capsys.readouterr()
+    cli.main(["teacher", "--data", str(path), "--data-root", str(root), "--teacher-checkpoint", str(start)])
+    printed = capsys.readouterr().out
+    info = json.loads(printed[printed.index("{"):printed.rindex("}") + 1])
+    assert info["start"] == str(start) and info["steps"] == 2
+    tuned = teachers.create_model("meter", checkpoint=info["path"])
+    before = teachers.create_model("meter", checkpoint=start)
+    assert tuned.config == before.config  # the checkpoint's own architecture, its weights moved on
+    assert any(not torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), before.state_dict().values()))
+    run = tmp_path / "run"
+    cli.main(["distill", "--data", str(path), "--data-root", str(root), "--teacher-checkpoint", info["path"],
+              "--out", str(run), "--max-steps", "2", "--batch-size", "4", "--epochs", "1", "--num-negatives", "4",
+              "--num-hard", "2", "--rerank-k", "3", "--no-fusion", "--student", "dual-bert32x1-vit32x1"])
+    assert json.loads((run / "recipe.json").read_text())["name"] == "reference"
