@@ -20,7 +20,7 @@ DISTILL_FLAGS = --teacher $(TEACHER) --data $(DATA) $(if $(STUDENT),--student $(
 
 SEEDS        ?= 0,1,2
 
-.PHONY: install test distill ablations teacher bench bench-index bench-throughput data clean
+.PHONY: install test distill ablations teacher bench bench-index bench-throughput data docs clean
 
 install: $(STAMP)
 
@@ -59,6 +59,10 @@ ablations: install
 teacher: install
 	$(BIN)/dcd teacher --teacher $(TEACHER) --data $(DATA) --device $(DEVICE) \
 		$(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(ARGS)
+
+# the tables of README.md and docs/ that come from benchmarks/results/ (the tests check they are current)
+docs: install
+	$(BIN)/python -m dcd.docs
 
 bench: install
 	$(BIN)/python benchmarks/latency.py --device $(DEVICE) $(ARGS)

@@ -1,0 +1,113 @@
+"""The tables of README.md and docs/ that come from committed results: regenerated, never typed.
+
+A generated table sits between two markers naming its source::
+
+    <!-- generated: compression-bf16-teacher -->
+    ...
+    <!-- end: compression-bf16-teacher -->
+
+``make docs`` (``python -m dcd.docs``) rewrites every such block from ``benchmarks/results/``; ``--check`` exits
+non-zero naming the blocks that differ (the test suite runs it), so a page never shows a figure its results
+file does not hold.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+#: the pages whose generated blocks are kept current
+PAGES = ("README.md", "docs/experiments.md", "docs/embedded-default.md")
+BLOCK = re.compile(r"(<!-- generated: (?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- end: (?P=name) -->)", re.S)
+
+
+def _records(name: str) -> List[Dict]:
+    return json.loads((RESULTS / f"{name}.json").read_text())["records"]
+
+
+def _compression(name: str) -> Callable[[], str]:
+    def table() -> str:
+        from .ablations import markdown_table
+
+        return markdown_table(_records(name))
+    return table
+
+
+def _distill() -> str:
+    """The `make distill` table of the committed run (benchmarks/results/distill-meter.json)."""
+    from .report import results_table
+
+    run = json.loads((RESULTS / "distill-meter.json").read_text())
+    split = run["eval_split"]
+    return "```\n" + results_table(run["results"], f"meter teacher on {split}") + "\n```"
+
+
+def _headline() -> str:
+    """The fair comparison in one table: DCD's dual student against the same student and loss with no teacher."""
+    from .ablations import paired_differences, summarise
+
+    records = _records("compression-bf16-teacher")
+    rows = {r["method"]: r for r in summarise(records)}
+    (pair,) = [p for p in paired_differences(records, against={"dcd_denoised_t2i": "baseline_t2i"})]
+    low, high = pair["ci95"] if pair["ci95"] else (float("nan"), float("nan"))
+    lines = ["| model (METER teacher, 8 epochs) | params | test RSUM | seeds |", "|---|---|---|---|"]
+    for method, label in (("teacher", "teacher (cross-encoder, exhaustive)"),
+                          ("baseline_t2i", "dual student, no teacher"), ("dcd_denoised_t2i", "dual student, DCD")):
+        row = rows[method]
+        spread = f" ± {row['test_rsum_std']:.1f}" if row["seeds"] > 1 else ""
+        lines.append(f"| {label} | {row['params'] / 1e6:.1f} M | {row['test_rsum']:.1f}{spread} | "
+                     f"{row['seeds'] if method != 'teacher' else '-'} |")
+    lines.append(f"\nDCD minus no teacher, paired by seed: **{pair['mean']:+.1f} RSUM**, 95 % CI "
+                 f"[{low:+.1f}, {high:+.1f}] over {pair['pairs']} seeds.")
+    return "\n".join(lines)
+
+
+GENERATORS: Dict[str, Callable[[], str]] = {
+    "headline": _headline,
+    "distill-meter": _distill,
+    "compression-bf16-teacher": _compression("compression-bf16-teacher"),
+    "compression": _compression("compression"),
+    "compression-2epochs": _compression("compression_2epochs"),
+    "compression-3200-steps": _compression("compression-max_steps3200-epochs16"),
+    "compression-3200-steps-t3": _compression("compression-max_steps3200-epochs16-teacher_temperature3"),
+}
+
+
+def refresh(text: str) -> str:
+    """``text`` with every generated block rewritten from its results file."""
+    def fill(match: re.Match) -> str:
+        name = match.group("name")
+        if name not in GENERATORS:
+            raise KeyError(f"no generator for the block {name!r}; known: {', '.join(GENERATORS)}")
+        return f"{match.group(1)}{GENERATORS[name]().rstrip()}\n{match.group(4)}"
+    return BLOCK.sub(fill, text)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dcd.docs", description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 naming the pages that are stale")
+    args = parser.parse_args(argv)
+    stale = []
+    for page in PAGES:
+        path = ROOT / page
+        text = path.read_text()
+        fresh = refresh(text)
+        if fresh != text:
+            stale.append(page)
+            if not args.check:
+                path.write_text(fresh)
+    if args.check and stale:
+        print(f"dcd: error: generated tables out of date in {', '.join(stale)}: run make docs", file=sys.stderr)
+        return 1
+    print(f"{'stale' if stale else 'current'}: {', '.join(stale) or ', '.join(PAGES)}"
+          if args.check else f"rewritten: {', '.join(stale) or 'nothing (all current)'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""The README fits one screen and opens with the two commands; every generated table matches its results file."""
+import re
+from pathlib import Path
+
+from dcd import docs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_readme_opens_with_the_two_commands_and_fits_a_screen():
+    text = (ROOT / "README.md").read_text()
+    lines = text.splitlines()
+    assert len(lines) <= 150
+    assert lines[2] == "```bash" and lines[3].startswith("make distill TEACHER=meter") and lines[4].startswith("make test")
+
+
+def test_every_generated_table_is_current():
+    for page in docs.PAGES:
+        text = (ROOT / page).read_text()
+        assert docs.refresh(text) == text, f"{page}: run make docs"
+    assert docs.main(["--check"]) == 0
+
+
+def test_a_stale_table_is_found(tmp_path, monkeypatch):
+    page = tmp_path / "page.md"
+    page.write_text("<!-- generated: headline -->\n| made up | 999 |\n<!-- end: headline -->\n")
+    monkeypatch.setattr(docs, "ROOT", tmp_path)
+    monkeypatch.setattr(docs, "PAGES", ("page.md",))
+    assert docs.main(["--check"]) == 1 and "999" in page.read_text()
+    assert docs.main([]) == 0 and "999" not in page.read_text() and "paired by seed" in page.read_text()
+
+
+def test_the_pages_the_readme_links_to_exist():
+    for link in re.findall(r"\]\(([^)#]+)", (ROOT / "README.md").read_text()):
+        if not link.startswith("http"):
+            assert (ROOT / link).is_file(), link
