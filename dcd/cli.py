@@ -155,10 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rerank", help="second-stage model (same syntax) re-ranking the top --k of the first")
     p.add_argument("--k", type=int, default=16)
 
-    from .index.commands import add_index_parser, add_search_parser
+    from .index.commands import add_index_parser, add_search_parser, add_serve_parser
 
     add_index_parser(sub)
     add_search_parser(sub)
+    add_serve_parser(sub)
     sub.add_parser("list", allow_abbrev=False, help="what is registered: teachers, students, student families, data sets")
     p = sub.add_parser("runs", allow_abbrev=False,
                        help="the stage folders under a run folder (students, score caches, records) and how they did; "
@@ -288,7 +289,7 @@ def _run(args: argparse.Namespace) -> int:
         return _runs(args)
 
     _check_device(args.device)
-    if args.command in ("index", "search"):
+    if args.command in ("index", "search", "serve"):
         from .index.commands import run
 
         return run(args)

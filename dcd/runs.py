@@ -74,35 +74,66 @@ def list_stages(root: str | Path) -> List[Dict[str, Any]]:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"no run folder {root}")
-    latest = {str(p.resolve()) for run in {s.parent for s in root.rglob(LATEST_FILE)} for p in read_latest(run).values()}
+    named = {p.resolve(): role for run in {s.parent for s in root.rglob(LATEST_FILE)}
+             for role, p in read_latest(run).items()}
+    latest = {str(p) for p in named}
     records = _records(root)
+    # stage folders, and the folders of an earlier dcd that the last run used in place (no stage.json)
+    earlier = [p for p in {*named, *(Path(k) for k in records)}
+               if p.is_dir() and not (p / STAGE_FILE).is_file() and root.resolve() in p.parents]
     rows = []
-    for stage in find_stages(root):
-        meta = read_stage(stage) or {}
+    for stage in sorted(set(find_stages(root)) | {root / p.relative_to(root.resolve()) for p in earlier}):
+        meta = read_stage(stage) or _earlier_stage(stage, named.get(stage.resolve()))
         identity = meta.get("identity") or {}
         record = records.get(str(stage.resolve()))
         role = identity.get("role") or meta.get("kind", "?")
         rows.append({
             "stage": str(stage.relative_to(root)), "kind": meta.get("kind", "?"), "role": role,
-            "method": (record or {}).get("method") or role, "seed": identity.get("seed"),
+            "method": (record or {}).get("method") or role,
+            "seed": identity.get("seed", (record or {}).get("seed")),
             **_metrics(stage, record), "latest": str(stage.resolve()) in latest,
-            "age_s": round(time.time() - (stage / STAGE_FILE).stat().st_mtime), "bytes": _size(stage),
+            "age_s": round(time.time() - _written(stage)), "bytes": _size(stage),
             "identity": identity,
         })
     _differing(rows)
     return rows
 
 
+def _earlier_stage(stage: Path, role: Optional[str]) -> Dict[str, Any]:
+    """What a folder of an earlier dcd says of itself: its recipe.json (the old identity), and its role."""
+    recipe = stage / "recipe.json"
+    identity = json.loads(recipe.read_text()) if recipe.is_file() else {}
+    return {"kind": "score cache" if role == "score_cache" else "student", "identity": {**identity, "role": role}}
+
+
+def _written(stage: Path) -> float:
+    marker = stage / STAGE_FILE
+    return (marker if marker.is_file() else stage).stat().st_mtime
+
+
 def _differing(rows: List[Dict[str, Any]]) -> None:
-    """Fill ``differs``: the identity fields whose value is not the same across the student stages listed."""
+    """Fill ``differs``: the identity fields whose value is not the same across the stages of one role (the
+    baseline against the other baselines, DCD against DCD: what a role implies is no difference worth showing)."""
     flat = [_flatten(r["identity"]) if r["kind"] == "student" else {} for r in rows]
-    keys = {k for f in flat for k in f if not any(k == h or k.endswith("." + h) or k.startswith(h + ".")
-                                                  for h in HIDDEN)}
-    students = [f for f in flat if f]
-    varying = sorted(k for k in keys if len({json.dumps(f.get(k), default=str) for f in students}) > 1
-                     and k not in ("seed", "role"))
-    for row, f in zip(rows, flat):
-        row["differs"] = {k.split(".")[-1] if k.startswith("dcd.") else k: f.get(k) for k in varying} if f else {}
+    groups: Dict[Any, List[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault((row["kind"], row["role"]), []).append(i)
+    for members in groups.values():
+        keys = {k for i in members for k in flat[i] if not _hidden(k)}
+        varying = sorted(k for k in keys if len({json.dumps(flat[i].get(k), default=str) for i in members}) > 1)
+        for i in members:
+            rows[i]["differs"] = {_short_key(k): flat[i].get(k) for k in varying}
+
+
+def _hidden(key: str) -> bool:
+    """Identity fields too long or too internal to show: weights hashes, paths, consumed identities, the seed."""
+    head = key.split(".")[0]
+    return head in ("teacher", "score_cache", "train", "data", "role", "seed", "device_type") or \
+        any(key == h or key.endswith("." + h) or key.startswith(h + ".") for h in HIDDEN)
+
+
+def _short_key(key: str) -> str:
+    return key.split(".", 1)[1] if key.startswith(("dcd.", "budget.")) else key
 
 
 def _age(seconds: float) -> str:

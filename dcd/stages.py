@@ -166,7 +166,7 @@ def student_dir(path: str | Path, role: str = "dcd") -> Path:
     path = Path(path)
     if (path / LATEST_FILE).is_file() and role in read_latest(path):
         path = read_latest(path)[role]
-    return path / "student" if (path / STAGE_FILE).is_file() and (path / "student").is_dir() else path
+    return path / "student" if (path / "student" / "config.json").is_file() else path
 
 
 def find_stages(run_dir: str | Path) -> List[Path]:

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from teachers.precision import autocast, choose
 
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .event_log import EventLog
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,7 @@ class Trainer:
     ):
         self.module, self.dataset, self.collate_fn = module, dataset, collate_fn
         self.config, self.out_dir = config, Path(out_dir)
+        self.events = EventLog(self.out_dir)
         self.evaluate, self.on_step = evaluate, on_step
         self.device = torch.device(config.device)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -233,6 +235,7 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             with open(self.out_dir / "metrics.jsonl", "a") as handle:
                 handle.write(json.dumps(record) + "\n")
+            self.events.write(record)  # the same record as TensorBoard scalars
 
     def _loader(self) -> DataLoader:
         self.sampler.set_epoch(self.epoch, self.batch_in_epoch * self.config.batch_size)
@@ -317,6 +320,7 @@ class Trainer:
             elif self.global_step >= self.total_steps:
                 self.save()
         bar.close()
+        self.events.close()
         self._elapsed_before, self._started = self.elapsed_s, None
         if not any("elapsed_s" in r for r in self.history):  # resumed at its end: what the checkpoint says
             self.history.append({"step": self.global_step, "elapsed_s": round(self._elapsed_before, 2)})

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 import dcd
@@ -17,57 +16,12 @@ from dcd import cli
 from dcd.index import AnnParams, Index, StudentMismatch, image_folder
 from dcd.index.encode import chunk_path, encode_chunks, merge_chunks
 from students.dual import dual_test
+from index_world import COLOURS, caption as _caption, make_world
 from teachers.meter import meter_preset
-
-COLOURS = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220), "yellow": (230, 230, 20),
-           "cyan": (20, 220, 220), "magenta": (220, 20, 220), "white": (250, 250, 250), "black": (5, 5, 5)}
-
-
-def _caption(name: str) -> str:
-    return f"a {name} picture"
-
-
-def _train(student, images, captions, steps=120):
-    """A few contrastive steps: enough for 8 colours and 8 captions to find each other."""
-    pixels = student.collate_images([student.image_transform()(im) for im in images])
-    tokens = student.tokenize(captions)
-    optimiser = torch.optim.AdamW(student.parameters(), lr=2e-3)
-    target = torch.arange(len(images))
-    student.train()
-    for _ in range(steps):
-        logits = student.score(pixels, tokens)
-        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-    return student.eval()
-
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """A folder of 8 colour JPEGs (two sub-folders), 2 broken images and a text file; two saved students."""
-    root = tmp_path_factory.mktemp("index")
-    folder = root / "images"
-    images = []
-    for i, (name, rgb) in enumerate(COLOURS.items()):
-        path = folder / ("a" if i % 2 else "b") / f"{name}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        image = Image.new("RGB", (40, 40), rgb)
-        image.save(path, quality=95)
-        images.append(image)
-    (folder / "b" / "broken.jpg").write_bytes(b"not a jpeg at all")
-    whole = (folder / "b" / "red.jpg").read_bytes()
-    (folder / "a" / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
-    (folder / "notes.txt").write_text("not an image")
-    torch.manual_seed(0)
-    trained = _train(dual_test(), images, [_caption(n) for n in COLOURS])
-    trained.save_pretrained(root / "student")
-    torch.manual_seed(1)
-    dual_test().save_pretrained(root / "other")
-    captions = root / "captions.jsonl"
-    captions.write_text("".join(json.dumps({"caption": _caption(n), "colour": n}) + "\n" for n in COLOURS))
-    return {"root": root, "images": folder, "student": root / "student", "other": root / "other",
-            "captions": captions}
+    return make_world(tmp_path_factory.mktemp("index"))
 
 
 def _build(world, out, **kwargs):

@@ -73,6 +73,7 @@ def test_distill_end_to_end_on_a_fixture_with_a_checkpoint(fixture_json, tmp_pat
         assert (stages[stage] / "student" / "config.json").is_file()
         assert (stages[stage] / "checkpoint.pt").is_file()
         assert json.loads((stages[stage] / "results.json").read_text())["rows"]
+        assert list(stages[stage].glob("events.out.tfevents.*"))  # TensorBoard: tensorboard --logdir runs
     assert {k: Path(out / v) for k, v in json.loads((out / "latest.json").read_text())["stages"].items()
             if k != "score_cache"} == stages
     # a second run reuses every finished stage

@@ -77,7 +77,33 @@ def add_search_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--student", help="the index's student (default: the directory recorded when it was built); "
                    "any other student is refused")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--html", metavar="OUT.html", help="also write the results as a page (thumbnails inline), to share")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    _rerank_options(p)
+    s = p.add_argument_group("search knobs (default: those the index was built with)")
+    s.add_argument("--ef-search", type=int, help="HNSW search beam width")
+    s.add_argument("--nprobe", type=int, help="IVF-PQ cells visited")
+    s.add_argument("--refine", type=int, help="IVF-PQ exact re-scoring factor")
+    return p
+
+
+def add_serve_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "serve", allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="a search page over an index: a caption -> image thumbnails, an image -> captions (and /api/search)",
+        description="Serve a search page and a JSON API (/api/search) over an index built by dcd index. Images are "
+                    "served only by their id in the index. With --rerank the dual student's ranking is shown beside "
+                    "the re-ranked one, with each stage's time per query.")
+    p.add_argument("index", metavar="INDEX", help="index directory written by dcd index")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--student", help="the index's student (default: the directory recorded when it was built)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    _rerank_options(p)
+    return p
+
+
+def _rerank_options(p: argparse.ArgumentParser) -> None:
     r = p.add_argument_group("re-ranking the best candidates with a cross-encoder")
     r.add_argument("--rerank", choices=("teacher", "fusion"), help="re-score the top --rerank-k candidates")
     r.add_argument("--rerank-k", type=int, default=50, help="candidates re-scored per query")
@@ -87,17 +113,12 @@ def add_search_parser(sub) -> argparse.ArgumentParser:
     r.add_argument("--data", default="synthetic", help="--rerank teacher without a checkpoint: whose embedded teacher")
     r.add_argument("--data-root", help="folder of --data")
     r.add_argument("--reranker", metavar="DIR", help="--rerank fusion: the saved fusion student")
-    s = p.add_argument_group("search knobs (default: those the index was built with)")
-    s.add_argument("--ef-search", type=int, help="HNSW search beam width")
-    s.add_argument("--nprobe", type=int, help="IVF-PQ cells visited")
-    s.add_argument("--refine", type=int, help="IVF-PQ exact re-scoring factor")
-    return p
 
 
 # ------------------------------------------------------------------------------------------- running
 def run(args: argparse.Namespace) -> int:
-    """Run ``dcd index`` / ``dcd search``."""
-    return _index(args) if args.command == "index" else _search(args)
+    """Run ``dcd index`` / ``dcd search`` / ``dcd serve``."""
+    return {"index": _index, "search": _search, "serve": _serve}[args.command](args)
 
 
 def _index(args: argparse.Namespace) -> int:
@@ -131,6 +152,8 @@ def _search(args: argparse.Namespace) -> int:
     query = Path(args.image) if args.image is not None else args.query
     hits = index.search(query, k=args.k, target=args.target, rerank=reranker, rerank_k=args.rerank_k,
                         rerank_name=name, ef_search=args.ef_search, nprobe=args.nprobe, refine=args.refine)
+    if args.html:
+        _write_page(args, index, hits, name)
     if args.json:
         print(json.dumps(hits.to_dict(), indent=1))
         return 0
@@ -142,6 +165,40 @@ def _search(args: argparse.Namespace) -> int:
         shown = "     -" if score is None else f"{score:7.4f}"
         print(f"{rank:>4}  {shown}  {item.get('path') or item.get('caption')}")
     sys.stdout.flush()
+    return 0
+
+
+def _write_page(args: argparse.Namespace, index, hits, name: Optional[str]) -> None:
+    """``dcd search --html``: the results grid as one self-contained page (thumbnails inline)."""
+    from teachers.files import write_text
+
+    from .page import inline_thumbnail, render_page
+
+    dual = hits.to_dict()
+    if name:  # the dual student's own ranking beside the re-ranked one, as the served page shows it
+        dual = index.search(Path(args.image) if args.image is not None else args.query, k=args.k).to_dict()
+    results = {"dual": dual, "reranked": hits.to_dict() if name else None, "timing": {}}
+    query = args.query if args.image is None else f"image {args.image}"
+    write_text(args.html, render_page(f"dcd search: {index.path}", query=query, results=results,
+                                      thumbnail=inline_thumbnail, live=False))
+    print(f"written: {args.html}", file=sys.stderr)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .search import Index
+    from .serve import Searcher, create_app
+
+    try:
+        import uvicorn
+    except ImportError as err:
+        raise SystemExit(f"dcd: error: dcd serve needs fastapi and uvicorn ({err}): pip install fastapi uvicorn "
+                         "python-multipart") from None
+    index = Index.load(args.index, student_dir(args.student) if args.student else None, args.device)
+    reranker, name = _reranker(args)
+    app = create_app(Searcher(index, reranker, name, args.rerank_k), title=f"dcd search: {args.index}")
+    print(f"dcd serve: {index.summary().splitlines()[0]}\n  http://{args.host}:{args.port}/  (Ctrl-C stops)",
+          flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
 

@@ -199,6 +199,10 @@ class Index:
             self._parts[modality] = _Part(self.path / modality, self.meta["modalities"][modality]["index"])
         return self._parts[modality]
 
+    def items(self, modality: str) -> List[Dict[str, Any]]:
+        """The item list of ``modality`` (row id -> path / caption and the corpus's other fields)."""
+        return self._part(modality).items
+
     # ----------------------------------------------------------------------------------- search
     def encode_queries(self, queries: Sequence[Query]) -> tuple:
         """``(modality, unit vectors [n, d], decoded queries)`` of a list of all-text or all-image queries."""
