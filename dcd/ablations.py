@@ -7,7 +7,8 @@ the validation split (where choices are made) and the test split (reported only)
 JSON record, atomically, under ``<out>/records/`` in a file named by the row's identity
 (:meth:`dcd.recipes.Recipe.identity`; each row is a :class:`~dcd.recipes.Recipe` and its record stores it): a
 killed sweep resumes at the first missing record, a sweep with another setting writes beside the earlier
-records, and two processes on one folder share its score cache and never train the same student twice. The teacher's test scores come from :func:`dcd.score_matrices.cached_score_matrix`.
+records, and two processes on one folder share its score cache and never train the same student twice. The
+teacher's test scores come from :func:`dcd.score_matrices.cached_score_matrix`.
 
 Outputs: ``compression.json`` (one record per trained model and one per teacher), ``compression.md``
 (mean +- std over seeds per row, and each method minus the baseline of the same seed), ``compression.png``

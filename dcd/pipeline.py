@@ -104,7 +104,8 @@ def setup_teacher(recipe: Recipe, splits: Dict[str, CaptionSplit]) -> Tuple[Reci
     return recipe.with_teacher_weights(weights_sha256(model)), model, info, teacher
 
 
-def build_student(kind: str, recipe: Recipe, teacher: Optional[Scorer], teacher_model: Optional[Scorer] = None) -> Scorer:
+def build_student(kind: str, recipe: Recipe, teacher: Optional[Scorer],
+                  teacher_model: Optional[Scorer] = None) -> Scorer:
     """A student of ``kind`` as it starts training, from the recipe's seed (the same start whatever ran before):
     the dual one from a checkpoint, the teacher's own towers (METER, real data) or a size-named preset; the fusion
     one from the teacher's layers (:func:`students.create_student`)."""
@@ -271,7 +272,8 @@ def evaluate_models(models: Dict[str, Scorer], teacher: Scorer, splits: Dict[str
     evaluation split are returned too.
     """
     split = splits["eval"]
-    teacher_scores, teacher_info = cached_score_matrix(teacher, split, scores_dir, recipe.device, recipe.output["progress"])
+    teacher_scores, teacher_info = cached_score_matrix(teacher, split, scores_dir, recipe.device,
+                                                       recipe.output["progress"])
     rows = [{"model": "teacher", **teacher_info["metrics"], "seconds": teacher_info["elapsed_s"],
              "params": teacher_params}]
     for name, model in models.items():

@@ -24,7 +24,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
-__all__ = ["Budget", "Preset", "PRESETS", "EMBEDDED_DATA", "EMBEDDED_TEACHERS", "NAMED_DATA", "ROLES", "DistillSettings", "Recipe",
+__all__ = ["Budget", "Preset", "PRESETS", "EMBEDDED_DATA", "EMBEDDED_TEACHERS", "NAMED_DATA", "ROLES",
+           "DistillSettings", "Recipe",
            "embedded_recipe", "preset_for", "resolve", "role_of", "read_recipe_file", "parse_overrides", "print_recipe",
            "training_steps", "RecipeError"]
 
@@ -109,7 +110,8 @@ SCRATCH_OVERRIDES = {"initializer_range": 0.1, "hidden_dropout_prob": 0.0, "atte
 EMBEDDED_TEACHERS: Dict[str, Dict[str, Any]] = {
     "meter": {"preset": "minilm2-vit128x4", "overrides": SCRATCH_OVERRIDES, "pretrained": {"text_pretrained": "minilm"},
               "epochs": 4, "max_steps": 800, "lr": 3e-4, "group_size": 2},
-    "vilt": {"preset": "vit128x4", "overrides": SCRATCH_OVERRIDES, "epochs": 4, "max_steps": 800, "lr": 1e-3, "group_size": 2},
+    "vilt": {"preset": "vit128x4", "overrides": SCRATCH_OVERRIDES, "epochs": 4, "max_steps": 800, "lr": 1e-3,
+             "group_size": 2},
 }
 
 
@@ -174,7 +176,7 @@ class DistillSettings:
     teacher_checkpoint: Optional[str] = None
     teacher_config: Dict[str, Any] = field(default_factory=dict)  # overrides of the teacher's preset / saved config
     finetune_teacher: bool = False  # dcd teacher --teacher-checkpoint: fine-tune that checkpoint on --data further
-    student: Optional[str] = None  # dual student registry name; None: the small one (embedded) / "dual" (METER, real data)
+    student: Optional[str] = None  # dual student registry name; None: the small one / "dual" (METER, real data)
     student_checkpoint: Optional[str] = None  # a save_pretrained dual student to start from
     out: Optional[str] = None
     device: str = "cpu"

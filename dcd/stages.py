@@ -26,7 +26,8 @@ import torch
 from teachers.files import write_json
 
 __all__ = ["STAGE_FILE", "LATEST_FILE", "StageConflict", "canonical", "fingerprint", "weights_sha256", "stage_dir",
-           "claim_stage", "lock_path", "stage_lock", "read_stage", "write_latest", "read_latest", "student_dir", "find_stages"]
+           "claim_stage", "lock_path", "stage_lock", "read_stage", "write_latest", "read_latest", "student_dir",
+           "find_stages"]
 
 log = logging.getLogger(__name__)
 

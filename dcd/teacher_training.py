@@ -187,13 +187,13 @@ def embedded_teacher(family: str, train: CaptionSplit, device: str = "cpu", prog
                      start: Optional[str] = None) -> Tuple[Scorer, Dict[str, Any]]:
     """The embedded default's teacher of ``family``: trained once, then loaded from disk.
 
-    ``overrides`` (``--teacher-config key=value``) change the training recipe (:data:`TRAINING_KEYS`, e.g.
+    ``overrides`` (``--teacher-config key=value``) change the training recipe (:data:`dcd.recipes.TRAINING_KEYS`, e.g.
     ``max_steps=3200``) or the preset's config (any other key, e.g. ``num_fusion_layers=3``); such a teacher is
     trained and kept in a folder of its own, as is one trained at another ``precision`` (fp32 / bf16 autocast;
     ``auto``: what pays on ``device`` for a cross-encoder, :func:`teachers.precision.choose`). ``identity``: the
     run recipe's ``identity("teacher")``, when there is one. ``start``: a checkpoint (official, or a teacher saved
-    by dcd) to fine-tune further with the recipe's training budget, instead of the recipe's untrained model. A teacher trained by an earlier dcd, in the folder
-    it named then, is used where it is (:mod:`dcd.migrate`).
+    by dcd) to fine-tune further with the recipe's training budget, instead of the recipe's untrained model. A
+    teacher trained by an earlier dcd, in the folder it named then, is used where it is (:mod:`dcd.migrate`).
     """
     from teachers.precision import choose
 

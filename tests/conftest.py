@@ -40,3 +40,20 @@ def unit_teacher_recipe(monkeypatch, tmp_path):
                              "max_steps": max_steps, "lr": 1e-3})
 
     return use
+
+
+@pytest.fixture(scope="module")
+def tiny_data_json(tmp_path_factory):
+    """A 16 / 4 / 4-image embedded-style set at 32 px: enough for a student to train a few steps."""
+    from dcd.data import build_synthetic
+
+    return build_synthetic(tmp_path_factory.mktemp("data"), sizes=(16, 4, 4), image_size=32)
+
+
+@pytest.fixture(scope="module")
+def tiny_splits(tiny_data_json):
+    from dcd.data import load_karpathy
+
+    return {role: load_karpathy(tiny_data_json, split=name) for role, name in (("train", "train"), ("val", "val"),
+                                                                               ("eval", "test"))}
+

@@ -11,7 +11,7 @@ import torch
 import dcd
 import students
 from dcd import ablations, pipeline, score_matrices
-from dcd.data import build_synthetic, load_karpathy
+from dcd.data import load_karpathy
 from dcd.losses import distill_loss
 from dcd.pipeline import DistillSettings, build_student, train_student
 from dcd.recipes import resolve
@@ -22,14 +22,13 @@ from teachers.meter import meter_preset
 
 
 @pytest.fixture(scope="module")
-def data_json(tmp_path_factory):
-    return build_synthetic(tmp_path_factory.mktemp("data"), sizes=(16, 4, 4), image_size=32)
+def data_json(tiny_data_json):
+    return tiny_data_json
 
 
 @pytest.fixture(scope="module")
-def splits(data_json):
-    return {role: load_karpathy(data_json, split=name) for role, name in (("train", "train"), ("val", "val"),
-                                                                          ("eval", "test"))}
+def splits(tiny_splits):
+    return tiny_splits
 
 
 def _settings(data_json, tmp_path, **overrides):

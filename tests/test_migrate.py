@@ -5,12 +5,11 @@ import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import pytest
 import torch
 
 import teachers
 from dcd import ablations, score_matrices, teacher_training
-from dcd.data import build_synthetic, load_karpathy
+from dcd.data import load_karpathy
 from dcd.migrate import legacy_sha1
 from dcd.pipeline import DistillSettings, build_student, train_student
 from dcd.recipes import resolve
@@ -18,21 +17,11 @@ from teachers import as_teacher
 from teachers.meter import meter_preset
 
 
-@pytest.fixture(scope="module")
-def data_json(tmp_path_factory):
-    return build_synthetic(tmp_path_factory.mktemp("data"), sizes=(16, 4, 4), image_size=32)
 
-
-@pytest.fixture(scope="module")
-def splits(data_json):
-    return {role: load_karpathy(data_json, split=name) for role, name in (("train", "train"), ("val", "val"),
-                                                                          ("eval", "test"))}
-
-
-def test_a_teacher_in_the_folder_an_earlier_version_named_is_used_where_it_is(data_json, unit_teacher_recipe,
+def test_a_teacher_in_the_folder_an_earlier_version_named_is_used_where_it_is(tiny_data_json, unit_teacher_recipe,
                                                                               tmp_path):
     unit_teacher_recipe(max_steps=2)
-    train = load_karpathy(data_json, split="train")
+    train = load_karpathy(tiny_data_json, split="train")
     model, info = teacher_training.embedded_teacher("meter", train, progress=False, precision="fp32")
     new = teacher_training.teacher_dir("meter", train, precision="fp32")
     # the layout before stage folders: <family>-<data build>, a recipe.json, no stage.json (and an older preset name)
@@ -49,24 +38,24 @@ def test_a_teacher_in_the_folder_an_earlier_version_named_is_used_where_it_is(da
     assert teacher_training.find_embedded_teacher("meter", train) == legacy
 
 
-def test_a_score_matrix_header_with_the_old_sha1_is_reused(splits, tmp_path):
+def test_a_score_matrix_header_with_the_old_sha1_is_reused(tiny_splits, tmp_path):
     teacher = as_teacher(meter_preset("roberta32x1-vit32x2"))
-    _, info = score_matrices.cached_score_matrix(teacher, splits["eval"], tmp_path, progress=False)
+    _, info = score_matrices.cached_score_matrix(teacher, tiny_splits["eval"], tmp_path, progress=False)
     path = next(tmp_path.glob("*.json"))
     stored = json.loads(path.read_text())
     stored["header"]["model"] = legacy_sha1(teacher)  # as an earlier dcd wrote it
     path.write_text(json.dumps(stored))
-    assert score_matrices.stored_score_info(teacher, splits["eval"], tmp_path)["metrics"] == info["metrics"]
+    assert score_matrices.stored_score_info(teacher, tiny_splits["eval"], tmp_path)["metrics"] == info["metrics"]
     torch.manual_seed(7)
     other = as_teacher(meter_preset("roberta32x1-vit32x2"))
-    assert score_matrices.stored_score_info(other, splits["eval"], tmp_path) is None  # another model: not reused
+    assert score_matrices.stored_score_info(other, tiny_splits["eval"], tmp_path) is None  # another model: not reused
 
 
-def test_an_ablation_record_an_earlier_version_wrote_is_reported_and_its_student_kept(data_json, tmp_path):
+def test_an_ablation_record_an_earlier_version_wrote_is_reported_and_its_student_kept(tiny_data_json, tmp_path):
     teacher_dir = tmp_path / "teacher"
     meter_preset("roberta32x1-vit32x2").save_pretrained(teacher_dir)
-    settings = DistillSettings(data=str(data_json), student="dual-bert32x1-vit32x1", progress=False, max_steps=2,
-                               epochs=1, batch_size=4, num_negatives=4, num_hard=2, teacher_checkpoint=str(teacher_dir),
+    settings = DistillSettings(data=str(tiny_data_json), student="dual-bert32x1-vit32x1", progress=False,
+                               max_steps=2, epochs=1, batch_size=4, num_negatives=4, num_hard=2, teacher_checkpoint=str(teacher_dir),
                                eval_split="test")
     out = tmp_path / "sweep"
     [_, measured] = ablations.run_ablations(settings, seeds=(0,), methods=["dcd"], out=out, results_json=tmp_path / "c.json")
@@ -76,7 +65,7 @@ def test_an_ablation_record_an_earlier_version_wrote_is_reported_and_its_student
     # identity (SHA-1 fingerprints, the score cache's header, no step count), the student in dual/<method>/seed<s>
     teacher = as_teacher(teachers.create_model("meter", checkpoint=teacher_dir))
     recipe = resolve(replace(settings, **{k: v for k, v in ablations.METHODS["dcd"].items()}),
-                     load_karpathy(data_json, split="train"))
+                     load_karpathy(tiny_data_json, split="train"))
     start = build_student("dual", recipe, teacher)
     [cache_dir] = out.glob("score-cache-*")
     header = json.loads((cache_dir / "header.json").read_text())
@@ -113,13 +102,13 @@ def _old_form(new, recipe, start, teacher, header):
     }
 
 
-def test_a_distill_student_an_earlier_version_trained_is_reused_where_it_is(data_json, tmp_path):
+def test_a_distill_student_an_earlier_version_trained_is_reused_where_it_is(tiny_data_json, tmp_path):
     from dcd import cli
 
     teacher_dir = tmp_path / "teacher"
     meter_preset("roberta32x1-vit32x2").save_pretrained(teacher_dir)
     out = tmp_path / "run"
-    argv = ["distill", "--teacher", "meter", "--teacher-checkpoint", str(teacher_dir), "--data", str(data_json),
+    argv = ["distill", "--teacher", "meter", "--teacher-checkpoint", str(teacher_dir), "--data", str(tiny_data_json),
             "--out", str(out), "--max-steps", "2", "--batch-size", "4", "--epochs", "1", "--num-negatives", "4",
             "--num-hard", "2", "--rerank-k", "3", "--no-fusion", "--no-baseline", "--student", "dual-bert32x1-vit32x1"]
     cli.main(argv)
@@ -127,9 +116,9 @@ def test_a_distill_student_an_earlier_version_trained_is_reused_where_it_is(data
     new = json.loads((stage / "stage.json").read_text())["identity"]
     # as the layout before stage folders had it: runs/<run>/dcd with recipe.json (the old identity) and summary.json
     teacher = as_teacher(teachers.create_model("meter", checkpoint=teacher_dir))
-    recipe = resolve(DistillSettings(data=str(data_json), student="dual-bert32x1-vit32x1", max_steps=2, epochs=1,
+    recipe = resolve(DistillSettings(data=str(tiny_data_json), student="dual-bert32x1-vit32x1", max_steps=2, epochs=1,
                                      batch_size=4, num_negatives=4, num_hard=2, teacher_checkpoint=str(teacher_dir)),
-                     load_karpathy(data_json, split="train"))
+                     load_karpathy(tiny_data_json, split="train"))
     start = build_student("dual", recipe, teacher)
     [cache] = out.glob("score-cache-*")
     header = json.loads((cache / "header.json").read_text())
@@ -153,11 +142,11 @@ def _train_baseline(data_json, run_dir, queue):
     queue.put(summary)
 
 
-def test_two_processes_on_one_stage_train_it_once(data_json, tmp_path):
+def test_two_processes_on_one_stage_train_it_once(tiny_data_json, tmp_path):
     """Two `dcd ablations` / `dcd distill` side by side on one folder: the second waits, then reuses the student."""
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
-    workers = [ctx.Process(target=_train_baseline, args=(data_json, tmp_path, queue)) for _ in range(2)]
+    workers = [ctx.Process(target=_train_baseline, args=(tiny_data_json, tmp_path, queue)) for _ in range(2)]
     for w in workers:
         w.start()
     summaries = [queue.get(timeout=300) for _ in workers]

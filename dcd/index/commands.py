@@ -68,18 +68,14 @@ def add_search_parser(sub) -> argparse.ArgumentParser:
         help="query an index built by dcd index (text -> images, image -> captions)",
         description="Search an index with a caption (text -> images, or captions when the index has no images) or "
                     "with --image (image -> captions, or images). Prints ranked paths / captions with scores.")
-    p.add_argument("index", metavar="INDEX", help="index directory written by dcd index")
+    _opened_index_options(p)
     p.add_argument("query", nargs="?", help="the caption to search for")
     p.add_argument("--image", metavar="PATH", help="search with this image instead of a caption")
     p.add_argument("-k", "--k", dest="k", type=int, default=10, help="results to print")
     p.add_argument("--target", choices=("images", "texts"),
                    help="what to search (default: the other modality when the index has it)")
-    p.add_argument("--student", help="the index's student (default: the directory recorded when it was built); "
-                   "any other student is refused")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--html", metavar="OUT.html", help="also write the results as a page (thumbnails inline), to share")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    _rerank_options(p)
     s = p.add_argument_group("search knobs (default: those the index was built with)")
     s.add_argument("--ef-search", type=int, help="HNSW search beam width")
     s.add_argument("--nprobe", type=int, help="IVF-PQ cells visited")
@@ -94,13 +90,19 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
         description="Serve a search page and a JSON API (/api/search) over an index built by dcd index. Images are "
                     "served only by their id in the index. With --rerank the dual student's ranking is shown beside "
                     "the re-ranked one, with each stage's time per query.")
-    p.add_argument("index", metavar="INDEX", help="index directory written by dcd index")
+    _opened_index_options(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--student", help="the index's student (default: the directory recorded when it was built)")
+    return p
+
+
+def _opened_index_options(p: argparse.ArgumentParser) -> None:
+    """What every command that opens an index takes: the index, its student, the device, a re-ranker."""
+    p.add_argument("index", metavar="INDEX", help="index directory written by dcd index")
+    p.add_argument("--student", help="the index's student (default: the directory recorded when it was built); "
+                   "any other student is refused")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     _rerank_options(p)
-    return p
 
 
 def _rerank_options(p: argparse.ArgumentParser) -> None:
