@@ -1,6 +1,5 @@
 """dcd serve and dcd search --html: the page, the JSON API, bad input, and the page in a real browser."""
 import io
-import json
 import os
 import shutil
 import socket
