@@ -73,12 +73,20 @@ EXTRA_METHODS: Dict[str, Dict[str, Any]] = {
 PAPER_ABLATIONS = tuple(name for name in METHODS if name not in ("baseline", "dcd"))
 EXTRA_METHODS.update({f"{name}_denoised_t2i": {**METHODS[name], **EXTRA_METHODS["dcd_denoised_t2i"]}
                       for name in PAPER_ABLATIONS})
+#: the two-direction recipe with DCD's weights or alpha following what the student has yet to learn (its per-sample
+#: losses, dcd.weighting.gap_weights / gap_alpha) instead of the teacher's entropy and a fixed schedule (issue 27)
+STUDENT_AWARE = ("dcd_gap_weights_denoised_t2i", "dcd_gap_alpha_denoised_t2i")
+EXTRA_METHODS.update({
+    "dcd_gap_weights_denoised_t2i": {**EXTRA_METHODS["dcd_denoised_t2i"], "weighting": "gap"},
+    "dcd_gap_alpha_denoised_t2i": {**EXTRA_METHODS["dcd_denoised_t2i"], "alpha_schedule": "gap"},
+})
 KNOWN_METHODS: Dict[str, Dict[str, Any]] = {**METHODS, **EXTRA_METHODS}
 #: each ablation row -> the full recipe it takes parts out of: paired by seed, the difference is what those
 #: parts are worth (the paper's rows against the paper's ``dcd``, the ``*_denoised_t2i`` rows against the
 #: recipe that works)
 ABLATION_OF: Dict[str, str] = {**{name: "dcd" for name in PAPER_ABLATIONS},
-                               **{f"{name}_denoised_t2i": "dcd_denoised_t2i" for name in PAPER_ABLATIONS}}
+                               **{f"{name}_denoised_t2i": "dcd_denoised_t2i" for name in PAPER_ABLATIONS},
+                               **{name: "dcd_denoised_t2i" for name in STUDENT_AWARE}}
 #: the two-direction rows -> their fair control: the baseline with the same two-direction self-learning loss
 TWO_DIRECTION_CONTROL: Dict[str, str] = {name: "baseline_t2i" for name in ("dcd_denoised_t2i", *ABLATION_OF)
                                          if name.endswith("_denoised_t2i")}

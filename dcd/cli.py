@@ -80,9 +80,12 @@ def _distill_options(p: argparse.ArgumentParser) -> None:
                    help="divides the teacher's logits only: how soft the KL target is (default 1)")
     m.add_argument("--entropy-temperature", type=float,
                    help="T of the teacher distribution whose entropy sets the dynamic weights (embedded 4, reference 1)")
-    m.add_argument("--alpha-schedule", default=d.alpha_schedule, choices=("constant", "linear", "cosine"))
+    m.add_argument("--alpha-schedule", default=d.alpha_schedule, choices=("constant", "linear", "cosine", "gap"),
+                   help="gap: each step's alpha from the student's distance to the teacher against its own loss")
     m.add_argument("--alpha-end", type=float, help="final alpha of a linear / cosine schedule")
     m.add_argument("--no-dynamic", dest="dynamic", action="store_false", help="uniform instead of entropy weights")
+    m.add_argument("--weighting", default=d.weighting, choices=("entropy", "gap"),
+                   help="per-sample weights from the teacher's entropy (the paper) or the student's per-sample losses")
     m.add_argument("--no-score-cache", dest="score_cache", action="store_false",
                    help="score candidates with the teacher online instead of the precomputed cache")
     m.add_argument("--rerank-k", type=int, default=d.rerank_k, help="dual-student candidates re-ranked per query (0: chosen on the validation split)")

@@ -41,7 +41,7 @@ from teachers.base import Features, Scorer, Teacher, concat, to_device
 from . import candidates as cands
 from .hard_negatives import gather, select_hard
 from .losses import DISTILL_LOSSES, SELF_LOSSES, contrastive_loss, distill_loss, self_loss
-from .weighting import AlphaSchedule, dynamic_weights, uniform_weights
+from .weighting import WEIGHTINGS, AlphaSchedule, dynamic_weights, gap_alpha, gap_weights, uniform_weights
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class DCDConfig:
     alpha_end: Optional[float] = None  # with alpha_schedule linear / cosine; default: alpha
     alpha_schedule: str = "constant"
     total_steps: Optional[int] = None  # training length, for an alpha schedule
-    dynamic: bool = True  # per-sample entropy weights; False: uniform
+    dynamic: bool = True  # per-sample weights (entropy or gap, ``weighting``); False: uniform
     selection: str = "hardest"  # which k of the K scored candidates the student sees: the teacher's
     # "hardest" (DCD), k "random" ones (the ablation without teacher hard negatives), or "all" K
     contrastive: float = 1.0  # weight of a dual student's in-batch contrastive loss
@@ -81,6 +81,8 @@ class DCDConfig:
     # over 1 + k fresh random candidates, as the baseline's ("random"): distillation then adds to the baseline
     drop_false_negatives: bool = False  # the self-learning loss ignores candidates the teacher scores above
     # the positive (RocketQA's denoised hard negatives); the distillation term still sees them
+    weighting: str = "entropy"  # per-sample weights from the teacher's entropy (the paper) or the student's
+    # per-sample losses ("gap", dcd.weighting.gap_weights)
 
     def __post_init__(self) -> None:
         self.directions = tuple(self.directions)
@@ -99,6 +101,8 @@ class DCDConfig:
         if self.distill_loss != "kl" and (self.temperature != 1.0 or self.teacher_temperature != 1.0):
             raise ValueError(f"temperature / teacher_temperature act on the KL loss only; distill_loss="
                              f"{self.distill_loss!r} would ignore them")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, not {self.weighting!r}")
         if self.self_candidates not in SELF_CANDIDATES:
             raise ValueError(f"self_candidates must be one of {SELF_CANDIDATES}, not {self.self_candidates!r}")
         AlphaSchedule(self.alpha, self.alpha if self.alpha_end is None else self.alpha_end, self.alpha_schedule)
@@ -122,7 +126,7 @@ class DCDConfig:
 
 
 #: fields added after the first recorded runs, with the defaults that reproduce those runs
-_LATER_FIELDS = {"self_candidates": "teacher", "drop_false_negatives": False}
+_LATER_FIELDS = {"self_candidates": "teacher", "drop_false_negatives": False, "weighting": "entropy"}
 
 
 class Distiller(nn.Module):
@@ -193,7 +197,7 @@ class Distiller(nn.Module):
     def alpha(self) -> float:
         """This step's alpha; a schedule runs over ``total_steps`` forward passes (given to :func:`wrap` for a
         loop of your own; :meth:`fit` sets it to the passes its trainer runs)."""
-        if self.alpha_schedule.kind == "constant":
+        if self.alpha_schedule.kind in ("constant", "gap"):  # gap: set in forward, from the step's losses
             return self.alpha_schedule.start
         if not self.config.total_steps:
             raise ValueError(f"alpha_schedule={self.config.alpha_schedule!r} needs total_steps: pass it to wrap() "
@@ -232,17 +236,23 @@ class Distiller(nn.Module):
             elif teacher_scores is not None and cfg.drop_false_negatives:
                 keep = teacher_scores <= teacher_scores[:, :1]
                 stats[f"false_negatives_{direction}"] = 1.0 - keep[:, 1:].float().mean()
+            own = self_loss(self_scores, cfg.self_loss, keep)  # per sample
             if teacher_scores is not None:
-                w, r = dynamic_weights(teacher_scores, cfg.entropy_temperature) if cfg.dynamic else \
-                    (uniform_weights(len(teacher_scores), device),) * 2
-                parts["distill"].append((r * distill_loss(student_scores, teacher_scores, cfg.distill_loss,
-                                                          cfg.temperature, cfg.teacher_temperature)).sum())
+                imitation = distill_loss(student_scores, teacher_scores, cfg.distill_loss, cfg.temperature,
+                                         cfg.teacher_temperature)  # per sample
+                if not cfg.dynamic:
+                    w = r = uniform_weights(len(teacher_scores), device)
+                elif cfg.weighting == "gap":
+                    w, r = gap_weights(own, imitation)
+                else:
+                    w, r = dynamic_weights(teacher_scores, cfg.entropy_temperature)
+                parts["distill"].append((r * imitation).sum())
                 stats[f"r_spread_{direction}"] = r.max() / r.min().clamp(min=1e-12)
                 stats[f"teacher_top1_{direction}"] = (teacher_scores.argmax(1) == 0).float().mean()
                 weights[direction] = torch.stack([w, r])
             else:
                 w = uniform_weights(len(student_scores), device)
-            parts["self"].append((w * self_loss(self_scores, cfg.self_loss, keep)).sum())
+            parts["self"].append((w * own).sum())
 
         loss_self = torch.stack(parts["self"]).mean()
         out: Dict[str, Any] = {}
@@ -252,8 +262,9 @@ class Distiller(nn.Module):
             loss_contrast = cfg.contrastive * contrast
             out["contrastive"] = contrast.detach()
         if use_teacher:
-            alpha = self.alpha()
             loss_distill = torch.stack(parts["distill"]).mean()
+            alpha = self.alpha() if cfg.alpha_schedule != "gap" else \
+                gap_alpha(loss_distill, loss_self, self.alpha_schedule.start, self.alpha_schedule.end)
             if cfg.contrastive_in_mix:
                 loss = alpha * loss_distill + (1.0 - alpha) * (loss_self + loss_contrast)
             else:
@@ -368,7 +379,7 @@ class Distiller(nn.Module):
         # data size) misses what only the trainer knows, e.g. each of N torchrun ranks takes 1/N of the steps
         # (its clock, ``self.step``, counts forward passes: grad_accum of them per optimiser step)
         passes = trainer.total_steps * trainer.config.grad_accum
-        if self.config.alpha_schedule != "constant" and self.config.total_steps != passes:
+        if self.config.alpha_schedule not in ("constant", "gap") and self.config.total_steps != passes:
             if self.config.total_steps is not None:
                 log.info("alpha schedule: %d training passes, not the %d given", passes, self.config.total_steps)
             self.config.total_steps = passes

@@ -201,6 +201,7 @@ class DistillSettings:
     alpha_schedule: Optional[str] = None  # None: embedded default, constant on real data
     alpha_end: Optional[float] = None
     dynamic: bool = True
+    weighting: str = "entropy"  # per-sample weights from the teacher's entropy (the paper) or the student's losses
     score_cache: bool = True
     fusion: bool = True  # also distil the fusion student and report the re-rank pipeline
     exhaustive_fusion: bool = False  # also score every (image, caption) pair with the fusion students (slow)
@@ -263,7 +264,7 @@ def _dcd_config(settings: DistillSettings, preset: Preset, use_teacher: bool, to
         neutral = replace(settings, alpha=None, temperature=1.0, entropy_temperature=None, alpha_schedule=None,
                           alpha_end=None, dynamic=True, distill_loss="kl", teacher_temperature=None,
                           selection="hardest", contrastive_in_mix=False, self_candidates="teacher",
-                          drop_false_negatives=False)
+                          drop_false_negatives=False, weighting="entropy")
         return replace(_dcd_config(neutral, preset, True, total_steps), use_teacher=False)
     negatives = settings.num_negatives or preset.negatives_per_data.get(settings.data, preset.num_negatives)
     return DCDConfig(
@@ -279,7 +280,7 @@ def _dcd_config(settings: DistillSettings, preset: Preset, use_teacher: bool, to
         dynamic=settings.dynamic, selection=settings.selection, contrastive_in_mix=settings.contrastive_in_mix,
         self_candidates=settings.self_candidates,
         drop_false_negatives=_default(settings.drop_false_negatives, preset.drop_false_negatives),
-        use_teacher=use_teacher, total_steps=total_steps,
+        weighting=settings.weighting, use_teacher=use_teacher, total_steps=total_steps,
     )
 
 

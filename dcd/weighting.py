@@ -19,6 +19,17 @@ weights here multiply per-sample losses. The reference feeds the batch share ``w
 batch size: a confident sample (``u = 0``) gets up to ``e`` times the distillation weight of a
 maximally uncertain one (``u = 1``). ``alpha`` may follow a schedule over training
 (:class:`AlphaSchedule`).
+
+The paper's weights read the teacher only. :func:`gap_weights` and :func:`gap_alpha` (``weighting="gap"``,
+``alpha_schedule="gap"``) follow what the *student* has yet to learn instead, from the per-sample losses of the
+step itself (no gradient through the weights)::
+
+    r_i = KL_i / sum_k KL_k          distillation weight: where the student is furthest from the teacher
+    w_i = CE_i / sum_k CE_k          self-learning weight: where its own labels still disagree with it
+    alpha = clamp(mean KL / (mean KL + mean CE), alpha_end, alpha)
+
+so a sample the student already imitates gives way to one it does not, and the distillation share of the loss
+shrinks as the student catches up with the teacher (issue 27: the paper's two parts had not been shown to help).
 """
 from __future__ import annotations
 
@@ -29,7 +40,11 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["AlphaSchedule", "entropy_share", "normalised_entropy", "distill_weights", "dynamic_weights", "uniform_weights"]
+__all__ = ["AlphaSchedule", "entropy_share", "normalised_entropy", "distill_weights", "dynamic_weights",
+           "uniform_weights", "gap_weights", "gap_alpha", "WEIGHTINGS"]
+
+#: what sets the per-sample weights: the teacher's entropy (the paper) or the student's per-sample losses
+WEIGHTINGS = ("entropy", "gap")
 
 
 def entropy_share(teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
@@ -64,11 +79,35 @@ def dynamic_weights(teacher_logits: Tensor, temperature: float = 1.0) -> Tuple[T
     return w, distill_weights(normalised_entropy(teacher_logits, temperature))
 
 
+def _share(values: Tensor) -> Tensor:
+    values = values.detach().float().clamp(min=0.0)
+    total = values.sum()
+    if not torch.isfinite(total) or total <= 0:
+        return uniform_weights(values.shape[0], values.device)
+    return values / total
+
+
+def gap_weights(self_losses: Tensor, distill_losses: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(w, r)`` from the student's per-sample self-learning and distillation losses [B] (both sum to 1)."""
+    return _share(self_losses), _share(distill_losses)
+
+
+def gap_alpha(distill: Tensor, self_learning: Tensor, high: float, low: float) -> float:
+    """The distillation share of the loss from how far the student is from the teacher (``distill``, its mean
+    KL) against how far from its labels (``self_learning``), kept within ``[low, high]``."""
+    low, high = min(low, high), max(low, high)
+    d, s = float(distill.detach()), float(self_learning.detach())
+    share = d / (d + s) if d + s > 0 else high
+    return min(max(share, low), high)
+
+
 @dataclass
 class AlphaSchedule:
     """``alpha`` (the distillation share of the loss) as a function of training progress in [0, 1].
 
     ``constant``: ``start`` throughout. ``linear`` / ``cosine``: from ``start`` to ``end`` over training.
+    ``gap``: set each step from the student's losses (:func:`gap_alpha`, between ``end`` and ``start``); calling
+    the schedule gives ``start``.
     """
 
     start: float = 0.2
@@ -76,15 +115,15 @@ class AlphaSchedule:
     kind: str = "constant"
 
     def __post_init__(self) -> None:
-        if self.kind not in ("constant", "linear", "cosine"):
-            raise ValueError(f"alpha_schedule must be constant, linear or cosine, not {self.kind!r}")
+        if self.kind not in ("constant", "linear", "cosine", "gap"):
+            raise ValueError(f"alpha_schedule must be constant, linear, cosine or gap, not {self.kind!r}")
         for name in ("start", "end"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"alpha {name} must lie in [0, 1], got {getattr(self, name)}")
 
     def __call__(self, progress: float) -> float:
         progress = min(max(progress, 0.0), 1.0)
-        if self.kind == "constant":
+        if self.kind in ("constant", "gap"):
             return self.start
         if self.kind == "linear":
             return self.start + (self.end - self.start) * progress

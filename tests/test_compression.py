@@ -401,6 +401,17 @@ def test_paired_differences_and_val_curves(tmp_path):
     assert ablations.plot_val_curves(tmp_path / "empty", records, tmp_path / "none.png") is None
 
 
+def test_the_student_aware_rows_change_one_part_of_the_two_direction_recipe_each():
+    recipe = ablations.KNOWN_METHODS["dcd_denoised_t2i"]
+    for name, change in (("dcd_gap_weights_denoised_t2i", {"weighting": "gap"}),
+                         ("dcd_gap_alpha_denoised_t2i", {"alpha_schedule": "gap"})):
+        row = ablations.KNOWN_METHODS[name]
+        assert {k: v for k, v in row.items() if recipe.get(k) != v} == change
+        assert ablations.ABLATION_OF[name] == "dcd_denoised_t2i" and ablations.TWO_DIRECTION_CONTROL[name] == "baseline_t2i"
+        config = resolve(replace(DistillSettings(), **row)).dcd_config()
+        assert getattr(config, next(iter(change))) == "gap"
+
+
 def test_paired_differences_carry_a_t_interval():
     from dcd.stats import mean_interval, t_quantile_975
 
@@ -435,7 +446,7 @@ def test_each_ablation_row_is_paired_with_the_full_recipe_it_takes_parts_out_of(
     assert set(ablations.ABLATION_OF) == {"vanilla_kd", "dcd_random_negatives", "dcd_uniform_weights",
                                           "dcd_static_alpha"} | {f"{m}_denoised_t2i" for m in (
                                           "vanilla_kd", "dcd_random_negatives", "dcd_uniform_weights",
-                                          "dcd_static_alpha")}
+                                          "dcd_static_alpha")} | set(ablations.STUDENT_AWARE)
 
 
 def test_two_direction_rows_distil_text_to_image_and_their_baseline_has_no_teacher(data_json, tmp_path):

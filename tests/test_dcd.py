@@ -283,3 +283,33 @@ def test_distiller_resume_after_kill_matches_uninterrupted(tiny_split, tmp_path)
     assert trainer.global_step == 40
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_gap_weights_and_alpha_follow_what_the_student_has_yet_to_learn():
+    from dcd.weighting import gap_alpha, gap_weights
+
+    w, r = gap_weights(torch.tensor([1.0, 3.0, 0.0]), torch.tensor([0.5, 0.5, 1.0]))
+    assert torch.allclose(w, torch.tensor([0.25, 0.75, 0.0])) and torch.allclose(r, torch.tensor([0.25, 0.25, 0.5]))
+    w, _ = gap_weights(torch.zeros(4), torch.ones(4))
+    assert torch.allclose(w, torch.full((4,), 0.25))  # nothing left to learn anywhere: uniform
+    assert gap_alpha(torch.tensor(1.0), torch.tensor(3.0), 0.5, 0.2) == 0.25  # a quarter of the loss is the gap
+    assert gap_alpha(torch.tensor(9.0), torch.tensor(1.0), 0.5, 0.2) == 0.5  # kept within [alpha_end, alpha]
+    assert gap_alpha(torch.tensor(0.0), torch.tensor(1.0), 0.5, 0.2) == 0.2
+    assert "weighting" not in dcd.DCDConfig().to_dict()  # earlier students keep their identity
+    with pytest.raises(ValueError, match="weighting"):
+        dcd.DCDConfig(weighting="loss")
+
+
+def test_the_distiller_weighs_by_the_student_losses_when_asked(tiny_split):
+    torch.manual_seed(0)
+    _, _, distiller = _setup(tiny_split, directions=("i2t",), weighting="gap", alpha=0.5, alpha_end=0.1,
+                             alpha_schedule="gap")
+    out = distiller(_batch(distiller, tiny_split))
+    w, r = out["weights"]["i2t"]
+    assert torch.isclose(w.sum(), torch.tensor(1.0)) and torch.isclose(r.sum(), torch.tensor(1.0))
+    assert r.std() > 0 and w.std() > 0  # per sample, not uniform
+    share = float(out["distill"]) / (float(out["distill"]) + float(out["self"]))
+    assert float(out["alpha"]) == pytest.approx(min(max(share, 0.1), 0.5), abs=1e-5)
+    torch.manual_seed(0)
+    _, _, paper = _setup(tiny_split, directions=("i2t",), alpha=0.5)  # the entropy weights stay the default
+    assert paper.config.weighting == "entropy" and float(paper(_batch(paper, tiny_split))["alpha"]) == 0.5
