@@ -34,7 +34,7 @@ from .migrate import legacy_record
 from .pipeline import STUDENT_DIR, RunSetup, build_student, count_parameters, setup_run, train_student
 from .recipes import DistillSettings, Recipe, resolve, role_of
 from .score_matrices import cached_score_matrix, stored_score_info
-from .stages import stage_dir, weights_sha256
+from .stages import fingerprint, stage_dir, weights_sha256
 from .stats import mean_interval
 from .trainer import is_main_process, world_size
 
@@ -165,6 +165,9 @@ def find_record(kind: str, method: str, seed: int, settings: DistillSettings, se
     role = role_of(kind, uses)
     student = build_student(kind, recipe, setup.teacher, setup.teacher_model)
     identity = recipe.identity("student", role, start=weights_sha256(student))
+    if kind == "fusion":  # measured as a re-ranker: of which retriever, at which depth, belongs to its record
+        _, first_stage, _ = find_record("dual", "baseline", seed, settings, setup, root)
+        identity = {**identity, "rerank": {"k": FUSION_RERANK_K, "first_stage": fingerprint(first_stage)}}
     path = stage_dir(root / "records", f"{kind}-{method}-seed{seed}", identity)
     path = path.with_name(path.name + ".json")
     if path.is_file():

@@ -28,13 +28,14 @@ from teachers.precision import PrecisionPlan
 
 from . import retrieval
 from .data import CaptionSplit, load_split, readable
+from .data.karpathy import hold_out
 from .distiller import Distiller
 from .recipes import NAMED_DATA, ROLES, DistillSettings, Recipe, resolve
 from .report import plot_training_curves, read_metrics, results_table
 from .score_matrices import cached_score_matrix, plateau_k, rerank_curve
 from .teacher_training import embedded_teacher
 from .stages import claim_stage, stage_dir, stage_lock, weights_sha256, write_latest
-from .trainer import TrainConfig, is_main_process, seconds_trained, world_size
+from .trainer import TrainConfig, from_main_process, is_main_process, seconds_trained, world_size
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ def load_data(settings: DistillSettings) -> Dict[str, CaptionSplit]:
     names = {"train": "train", "val": "val", "eval": settings.eval_split}
     splits = {role: load_split(settings.data, settings.data_root, split=name) for role, name in names.items()}
     if settings.data not in NAMED_DATA:
+        if splits["train"].image_paths == splits["eval"].image_paths:  # one split only: a COCO caption file
+            splits = hold_out(splits["train"])
         splits = {role: readable(split) for role, split in splits.items()}
     return splits
 
@@ -154,8 +157,10 @@ def train_student(role: str, student: Scorer, teacher: Optional[Scorer], recipe:
         if old is not None:
             return students.load_student(Path(old["stage"]) / STUDENT_DIR).to(recipe.device), old
     with stage_lock(out) if is_main_process() else contextlib.nullcontext():
-        if claim_stage(out, identity, "student", is_main_process()) and summary_path.is_file() \
-                and (saved / "config.json").is_file():
+        # rank 0 decides (it holds the lock); every rank of a torchrun job then reuses, or trains, together
+        finished = from_main_process(claim_stage(out, identity, "student", is_main_process())
+                                     and summary_path.is_file() and (saved / "config.json").is_file())
+        if finished:
             log.info("%s: reusing the finished student in %s", out.name, saved)
             return students.load_student(saved).to(recipe.device), json.loads(summary_path.read_text())
         train, budget = splits["train"], recipe.budget
@@ -224,18 +229,21 @@ def teacher_score_cache(teacher: Scorer, recipe: Recipe, train: CaptionSplit, ru
     if pool is None:
         return None
     from .migrate import legacy_score_cache
-    from .score_cache import TeacherScoreCache
+    from .score_cache import TeacherScoreCache, cache_header
 
     directory = stage_dir(run_dir, "score-cache", recipe.identity("score_cache"))
-    with stage_lock(directory) if is_main_process() else contextlib.nullcontext():
-        if not directory.is_dir():
-            legacy = legacy_score_cache(run_dir, teacher, train, pool)
-            if legacy is not None:
-                return legacy
-        cache = TeacherScoreCache.build(teacher, train, directory, pool_size=pool["pool_size"], seed=pool["seed"],
+    if is_main_process():  # rank 0 builds it (behind the lock); the other ranks open what it built
+        with stage_lock(directory):
+            legacy = None if directory.is_dir() else legacy_score_cache(run_dir, teacher, train, pool)
+            if legacy is None:
+                TeacherScoreCache.build(teacher, train, directory, pool_size=pool["pool_size"], seed=pool["seed"],
                                         device=recipe.device, progress=recipe.output["progress"], near=pool["near"])
-        claim_stage(directory, recipe.identity("score_cache"), "score cache", is_main_process())
-    return cache
+                claim_stage(directory, recipe.identity("score_cache"), "score cache")
+    where = from_main_process(str(legacy.directory) if is_main_process() and legacy is not None else str(directory))
+    if Path(where) != directory:
+        return legacy_score_cache(run_dir, teacher, train, pool)
+    return TeacherScoreCache.open(directory, expect=cache_header(teacher, train, pool["pool_size"], pool["seed"],
+                                                                 pool["near"]))
 
 
 # ---------------------------------------------------------------------------------------------- evaluation

@@ -276,7 +276,7 @@ def _dcd_config(settings: DistillSettings, preset: Preset, use_teacher: bool, to
                                      preset.teacher_temperature if settings.distill_loss == "kl" else 1.0),
         entropy_temperature=_default(settings.entropy_temperature, preset.entropy_temperature),
         alpha_schedule=_default(settings.alpha_schedule, preset.alpha_schedule),
-        alpha_end=_default(settings.alpha_end, preset.alpha_end if settings.alpha_schedule is None else None),
+        alpha_end=_default(settings.alpha_end, preset.alpha_end if settings.alpha_schedule in (None, "gap") else None),
         dynamic=settings.dynamic, selection=settings.selection, contrastive_in_mix=settings.contrastive_in_mix,
         self_candidates=settings.self_candidates,
         drop_false_negatives=_default(settings.drop_false_negatives, preset.drop_false_negatives),
@@ -333,6 +333,10 @@ class Recipe:
                    "config": self.teacher["config"], "data": self.data["source"], "device_type": self._device_type(),
                    "precision": self.precision["cross"] if self.teacher.get("training") else None,
                    "training": self.teacher.get("training")}
+        if self.data.get("file_sha256"):  # a user's own file: its content and its images, not its name
+            teacher.update(data_file=self.data["file_sha256"], data_root=self.data["image_root"])
+        if self.teacher.get("start_sha256"):  # fine-tuning a checkpoint further: what it holds, not its path
+            teacher["start"] = self.teacher["start_sha256"]
         if stage == "teacher":
             return teacher
         cache = {"teacher": teacher, "teacher_weights": self.teacher_weights, "train": self.train,
@@ -381,13 +385,25 @@ def resolve(settings: DistillSettings, train=None, world_size: int = 1) -> Recip
     if (settings.teacher_checkpoint is None and preset.trains_teacher) or settings.finetune_teacher:
         if settings.teacher in EMBEDDED_TEACHERS:  # the checkpoint, if any, is where this training starts
             training = embedded_recipe(settings.teacher, settings.teacher_config, plan.cross)
+    data = {"source": settings.data, "root": settings.data_root, "eval_split": settings.eval_split}
+    if settings.data not in NAMED_DATA and Path(settings.data).is_file():  # the user's file: keyed by its content
+        from .stages import content_sha256
+
+        data.update(file_sha256=content_sha256(settings.data),
+                    image_root=str(Path(settings.data_root or Path(settings.data).parent).resolve()))
+    start_sha256 = None
+    if settings.finetune_teacher and settings.teacher_checkpoint and Path(settings.teacher_checkpoint).exists():
+        from .stages import content_sha256
+
+        start_sha256 = content_sha256(settings.teacher_checkpoint)
     return Recipe(
         name=preset.name,
-        data={"source": settings.data, "root": settings.data_root, "eval_split": settings.eval_split},
+        data=data,
         train=({"source": str(train.source), "split": train.name, "captions": train.num_captions}
                if train is not None else None),
         teacher={"family": settings.teacher, "checkpoint": settings.teacher_checkpoint,
-                 "config": dict(sorted(settings.teacher_config.items())), "training": training},
+                 "config": dict(sorted(settings.teacher_config.items())), "training": training,
+                 "start_sha256": start_sha256},
         student={"name": dual_name, "checkpoint": settings.student_checkpoint},
         students=students, budget=budget, total_steps=steps, dcd=config, score_cache=cache,
         group_size=_default(settings.group_size, preset.group_size),

@@ -173,7 +173,8 @@ def format_table(rows: Iterable[Dict[str, Any]]) -> str:
 
 def prune(root: str | Path, dry_run: bool = False) -> List[Path]:
     """Delete the stage folders of each run folder under ``root`` that its ``latest.json`` does not name and no
-    ablation record points at; a run folder without ``latest.json`` is left whole. Returns what was deleted."""
+    ablation record points at, and that no process holds (its lock); a run folder without ``latest.json`` is left
+    whole. Returns what was deleted."""
     root = Path(root)
     kept_by_records = set(_records(root))
     deleted = []
@@ -185,8 +186,25 @@ def prune(root: str | Path, dry_run: bool = False) -> List[Path]:
                 continue
             if any(k.startswith(str(stage.resolve()) + "/") for k in keep):
                 continue  # holds a stage that is kept
+            if _in_use(stage):  # another process is writing it right now: not ours to delete
+                continue
             deleted.append(stage)
             if not dry_run:
                 shutil.rmtree(stage)
-                lock_path(stage).unlink(missing_ok=True)
     return deleted
+
+
+def _in_use(stage: Path) -> bool:
+    """Whether a process holds the stage's lock (it trains or writes the stage now)."""
+    import fcntl
+
+    path = lock_path(stage)
+    if not path.is_file():
+        return False
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False

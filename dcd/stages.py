@@ -25,7 +25,8 @@ import torch
 
 from teachers.files import write_json
 
-__all__ = ["STAGE_FILE", "LATEST_FILE", "StageConflict", "canonical", "fingerprint", "weights_sha256", "stage_dir",
+__all__ = ["STAGE_FILE", "LATEST_FILE", "StageConflict", "canonical", "fingerprint", "weights_sha256",
+           "content_sha256", "stage_dir",
            "claim_stage", "lock_path", "stage_lock", "read_stage", "write_latest", "read_latest", "student_dir",
            "find_stages"]
 
@@ -60,6 +61,21 @@ def weights_sha256(model: torch.nn.Module) -> str:
         tensor = tensor.detach().to("cpu").contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def content_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, or of a folder's files (relative names and contents, in name order): what a
+    stage made from a user's file (an annotation file, a checkpoint to fine-tune) is keyed by, not its path."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode() + b"\0")
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 

@@ -47,7 +47,7 @@ from .data.neighbour_batches import NeighbourGrouping
 from .losses import contrastive_loss, self_loss
 from .recipes import EMBEDDED_DATA, EMBEDDED_TEACHERS, embedded_recipe
 from .stages import claim_stage, stage_dir, stage_lock
-from .trainer import TrainConfig, Trainer, is_main_process, seconds_trained
+from .trainer import TrainConfig, Trainer, from_main_process, is_main_process, seconds_trained
 
 log = logging.getLogger(__name__)
 
@@ -133,24 +133,24 @@ def finetune_teacher(model: Scorer, train: CaptionSplit, val: Optional[CaptionSp
 
 
 def embedded_identity(family: str, overrides: Optional[Dict[str, Any]] = None, precision: str = "auto",
-                      device: str = "cpu", data: str = EMBEDDED_DATA) -> Dict[str, Any]:
+                      device: str = "cpu", data: str = EMBEDDED_DATA, data_root: Optional[str] = None) -> Dict[str, Any]:
     """The identity of the teacher dcd trains for ``family`` on ``data`` (the embedded set, or a user's own file):
     :meth:`dcd.recipes.Recipe.identity` of its stage, for callers that have no recipe of their own (``dcd
     index``, the benchmarks)."""
     from .recipes import DistillSettings, resolve
 
     settings = DistillSettings(teacher=family, teacher_config=dict(overrides or {}), precision=precision, device=device,
-                               data=data)
+                               data=data, data_root=data_root)
     return resolve(settings).identity("teacher")
 
 
 def teacher_dir(family: str, train: CaptionSplit, overrides: Optional[Dict[str, Any]] = None,
                 precision: str = "fp32", device: str = "cpu", identity: Optional[Dict[str, Any]] = None,
-                data: str = EMBEDDED_DATA) -> Path:
+                data: str = EMBEDDED_DATA, data_root: Optional[str] = None) -> Path:
     """Where the teacher dcd trains for ``family`` on this data lives: ``$DCD_HOME/teachers/<family>-<data
     folder>-<hash>``, one folder per identity (recipe, data, config overrides, training precision), so trying
     another never touches the default teacher."""
-    identity = identity or embedded_identity(family, overrides, precision, device, data)
+    identity = identity or embedded_identity(family, overrides, precision, device, data, data_root)
     return stage_dir(dcd_home() / "teachers", f"{family}-{Path(str(train.source)).parent.name}", identity)
 
 
@@ -161,7 +161,8 @@ def embedded_architecture(family: str, recipe: Optional[Dict[str, Any]] = None) 
     return teachers.create_model(family, preset=recipe["preset"], **recipe.get("pretrained", {}), **recipe["overrides"])
 
 
-def find_embedded_teacher(family: str, train: CaptionSplit, data: str = EMBEDDED_DATA) -> Optional[Path]:
+def find_embedded_teacher(family: str, train: CaptionSplit, data: str = EMBEDDED_DATA,
+                          data_root: Optional[str] = None) -> Optional[Path]:
     """The folder of a ``family`` teacher dcd trained on ``data`` with the current recipe, or None: the one ``make
     distill`` trains on this machine (``--precision auto``), else one trained in fp32. Never trains one."""
     from teachers.precision import plan
@@ -169,7 +170,7 @@ def find_embedded_teacher(family: str, train: CaptionSplit, data: str = EMBEDDED
     from .migrate import legacy_teacher_dir
 
     for precision in dict.fromkeys((plan("auto", "cpu").cross, "fp32")):
-        directory = teacher_dir(family, train, precision=precision, data=data)
+        directory = teacher_dir(family, train, precision=precision, data=data, data_root=data_root)
         if (directory / "teacher.json").is_file():
             return directory
         if data != EMBEDDED_DATA:
@@ -207,8 +208,9 @@ def embedded_teacher(family: str, train: CaptionSplit, device: str = "cpu", prog
     directory = legacy or directory
     weights, info_path = directory / "model", directory / "teacher.json"
     with stage_lock(directory) if is_main_process() else contextlib.nullcontext():
-        if (legacy is not None or claim_stage(directory, identity, "teacher", is_main_process())) \
-                and info_path.is_file():
+        finished = from_main_process((legacy is not None or claim_stage(directory, identity, "teacher",
+                                                                         is_main_process())) and info_path.is_file())
+        if finished:  # rank 0 decided, behind the lock; every rank reuses (or trains) with it
             log.info("teacher: reusing %s", weights)
             model = teachers.create_model(family, checkpoint=weights)
             return model.to(device), {**json.loads(info_path.read_text()), "path": str(weights)}

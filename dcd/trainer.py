@@ -100,6 +100,16 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def from_main_process(value):
+    """``value`` as the main process (rank 0) has it, on every rank of a torchrun job (itself outside one): what
+    rank 0 decides alone (behind a lock) the others follow, so no rank trains while another reuses."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def is_main_process() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 

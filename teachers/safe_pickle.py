@@ -116,6 +116,9 @@ class InertUnpickler(pickle._Unpickler):  # the Python unpickler: its opcodes ca
     def load_build(self) -> None:
         state = self.stack.pop()
         inst = self.stack[-1]
+        if isinstance(inst, type):  # setting attributes on a class (a placeholder or an allowed one): refused
+            raise UnsafePickle(f"it sets the state of the class {getattr(inst, 'module', '?')}."
+                               f"{getattr(inst, 'name', inst.__name__)}")
         if isinstance(inst, Inert):
             parts = state if isinstance(state, tuple) else (state,)
             for part in parts:

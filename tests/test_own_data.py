@@ -157,3 +157,34 @@ def test_a_checkpoint_is_fine_tuned_further_on_own_data(own_data, tmp_path, caps
               "--out", str(run), "--max-steps", "2", "--batch-size", "4", "--epochs", "1", "--num-negatives", "4",
               "--num-hard", "2", "--rerank-k", "3", "--no-fusion", "--student", "dual-bert32x1-vit32x1"])
     assert json.loads((run / "recipe.json").read_text())["name"] == "reference"
+
+
+def test_a_coco_caption_file_is_split_into_train_val_and_test(tmp_path):
+    from dcd.pipeline import DistillSettings, load_data
+
+    root = tmp_path / "images"
+    root.mkdir()
+    images, annotations = [], []
+    for i in range(20):
+        _picture(COLOURS[i % 6], SHAPES[i % 3], (40, 40)).save(root / f"{i}.jpg")
+        images.append({"id": i, "file_name": f"{i}.jpg"})
+        annotations.append({"id": 100 + i, "image_id": i, "caption": f"picture {i}"})
+    path = tmp_path / "captions_mine.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations}))
+    splits = load_data(DistillSettings(data=str(path), data_root=str(root)))
+    seen = [set(map(str, s.image_paths)) for s in splits.values()]
+    assert [s.num_images for s in splits.values()] == [16, 2, 2]  # every 10th for test, every 10th from the 5th for val
+    assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
+
+
+def test_a_teacher_of_your_data_is_keyed_by_the_files_content_and_images_not_their_names(own_data, tmp_path):
+    from dcd.recipes import DistillSettings, resolve
+
+    path, root = own_data
+    teacher = resolve(DistillSettings(data=str(path), data_root=str(root))).identity("teacher")
+    other_root = resolve(DistillSettings(data=str(path), data_root=str(tmp_path))).identity("teacher")
+    path.write_text(path.read_text().replace("a red", "one red"))  # same name, other captions
+    edited = resolve(DistillSettings(data=str(path), data_root=str(root))).identity("teacher")
+    assert len({json.dumps(t, sort_keys=True) for t in (teacher, other_root, edited)}) == 3
+    embedded = resolve(DistillSettings()).identity("teacher")
+    assert "data_file" not in embedded  # the embedded teacher's identity is what it was

@@ -123,3 +123,17 @@ def test_the_cli_says_it_in_one_line(tmp_path, capsys):
         cli.main(["eval", f"teacher:meter:{path}", "--data", "synthetic"])
     assert str(stop.value).startswith("dcd: error: METER checkpoint") and "\n" not in str(stop.value)
     assert not marker.exists()
+
+
+def test_a_pickle_that_sets_state_on_a_class_is_refused():
+    import io
+    import pickle
+
+    from teachers.safe_pickle import InertUnpickler, UnsafePickle
+
+    # GLOBAL pytorch_lightning...AttributeDict, then BUILD {"update": 1} on the class itself
+    crafted = (b"\x80\x02cpytorch_lightning.utilities.parsing\nAttributeDict\n}X\x06\x00\x00\x00updateK\x01sb.")
+    with pytest.raises(UnsafePickle, match="sets the state of the class"):
+        InertUnpickler(io.BytesIO(crafted)).load()
+    plain = pickle.dumps({"a": [1, 2.5, "x"]}, protocol=2)
+    assert InertUnpickler(io.BytesIO(plain)).load() == {"a": [1, 2.5, "x"]}

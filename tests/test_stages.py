@@ -61,3 +61,16 @@ def test_a_second_process_waits_for_the_stage_the_first_holds(tmp_path):
     holder.join(20)
     assert (tmp_path / "order.txt").read_text().split() == ["first-in", "first-out", "second-in"]
     assert waited > 0.5
+
+
+def test_prune_keeps_what_the_last_run_named_and_what_a_process_holds(tmp_path):
+    from dcd.runs import prune
+
+    kept, old, busy = (stage_dir(tmp_path / "students", f"dual-dcd-seed{i}", {"x": i}) for i in range(3))
+    for path, identity in ((kept, {"x": 0}), (old, {"x": 1}), (busy, {"x": 2})):
+        claim_stage(path, identity, "student")
+    write_latest(tmp_path, {"dcd": kept})
+    with stage_lock(busy):  # another process is writing it
+        assert prune(tmp_path, dry_run=True) == [old]
+        assert prune(tmp_path) == [old]
+    assert kept.is_dir() and busy.is_dir() and not old.exists()

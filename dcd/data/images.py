@@ -80,7 +80,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
     img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16 / 32-bit greyscale: scale, not clip at 255
         array = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or array.max() > 255 else 255.0
+        peak = float(array.max()) if array.size else 0.0
+        top = 65535.0 if img.mode.startswith("I;16") or peak > 255 else (1.0 if img.mode == "F" and peak <= 1 else 255.0)
         img = Image.fromarray(np.clip(array * (255.0 / top), 0, 255).astype(np.uint8), "L")
     if img.mode == "P" and "transparency" in img.info or img.mode in ("LA", "La", "PA"):
         img = img.convert("RGBA")

@@ -310,6 +310,23 @@ def carve_val(splits_of: List[str], path: Path, say: bool = False) -> List[str]:
     return ["val" if i in held else s for i, s in enumerate(splits_of)]
 
 
+def hold_out(split: "CaptionSplit", every: int = 10) -> Dict[str, "CaptionSplit"]:
+    """``{"train", "val", "eval"}`` from a file that is one split only (a COCO caption annotation file): every
+    ``every``-th image is held out for evaluation, every ``every``-th from the middle for val, the rest trains;
+    the same file always gives the same three. Said in the log."""
+    n = split.num_images
+    if n < 3:
+        raise DataError(f"{split.source}: {n} image(s) cannot be split into train, val and test; give more")
+    test = [i for i in range(n) if i % every == 0]
+    val = [i for i in range(n) if i % every == every // 2] or [n - 1]
+    train = [i for i in range(n) if i not in set(test) | set(val)]
+    log.info("%s is one split: %d images train, %d val (every %dth from the %dth), %d test (every %dth)",
+             split.source, len(train), len(val), every, every // 2, len(test), every)
+    return {"train": split.select_images(train, f"{split.name}-train"),
+            "val": split.select_images(val, f"{split.name}-val"),
+            "eval": split.select_images(test, f"{split.name}-test")}
+
+
 def _format_counts(counts: Dict[str, int]) -> str:
     if not counts:
         return "no images"

@@ -237,9 +237,9 @@ def _require_embedded_teacher(family: str, data: str, data_root: Optional[str]) 
     if family not in EMBEDDED_TEACHERS:
         raise SearchError(f"--teacher {family} has no embedded recipe: pass --teacher-checkpoint")
     train = load_split(data, data_root, split="train")
-    directory = find_embedded_teacher(family, train, data)
+    directory = find_embedded_teacher(family, train, data, data_root)
     if directory is None:
         raise SearchError(f"no {family} teacher trained on {data} by the current recipe in "
-                          f"{teacher_dir(family, train, data=data).parent}: train it first (dcd teacher --teacher "
+                          f"{teacher_dir(family, train, data=data, data_root=data_root).parent}: train it first (dcd teacher --teacher "
                           f"{family} --data {data}, or make distill TEACHER={family}) or pass --teacher-checkpoint")
     return directory
