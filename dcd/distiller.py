@@ -85,6 +85,10 @@ class DCDConfig:
     # per-sample losses ("gap", dcd.weighting.gap_weights)
 
     def __post_init__(self) -> None:
+        for spec in fields(self):  # alpha: 1 in a recipe file is alpha: 1.0 (one identity, not two)
+            value = getattr(self, spec.name)
+            if "float" in str(spec.type) and isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, spec.name, float(value))
         self.directions = tuple(self.directions)
         if not self.directions or set(self.directions) - set(DIRECTIONS):
             raise ValueError(f"directions must be a non-empty subset of {DIRECTIONS}, got {self.directions}")

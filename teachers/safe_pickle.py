@@ -61,7 +61,11 @@ ALLOWED = {
 }
 #: placeholders the file may "call" to rebuild a value: recorded, not called (numpy scalars, dtypes, arrays)
 RECORDED_CALLS = {("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"), ("numpy", "dtype"),
-                  ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")}
+                  ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                  # paths and dates in hyper-parameters (a data root, a run's start time)
+                  ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
+                  ("pathlib", "PureWindowsPath"), ("pathlib", "Path"), ("datetime", "datetime"), ("datetime", "date"),
+                  ("datetime", "timedelta")}
 
 
 class InertUnpickler(pickle._Unpickler):  # the Python unpickler: its opcodes can be intercepted one by one

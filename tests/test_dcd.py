@@ -313,3 +313,7 @@ def test_the_distiller_weighs_by_the_student_losses_when_asked(tiny_split):
     torch.manual_seed(0)
     _, _, paper = _setup(tiny_split, directions=("i2t",), alpha=0.5)  # the entropy weights stay the default
     assert paper.config.weighting == "entropy" and float(paper(_batch(paper, tiny_split))["alpha"]) == 0.5
+
+
+def test_an_integer_alpha_is_the_same_identity_as_a_float_one():
+    assert dcd.DCDConfig(alpha=1, temperature=2).to_dict() == dcd.DCDConfig(alpha=1.0, temperature=2.0).to_dict()

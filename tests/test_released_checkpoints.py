@@ -137,3 +137,17 @@ def test_a_pickle_that_sets_state_on_a_class_is_refused():
         InertUnpickler(io.BytesIO(crafted)).load()
     plain = pickle.dumps({"a": [1, 2.5, "x"]}, protocol=2)
     assert InertUnpickler(io.BytesIO(plain)).load() == {"a": [1, 2.5, "x"]}
+
+
+def test_paths_and_dates_in_hyper_parameters_read_back_inert():
+    import datetime
+    import io
+    import pathlib
+    import pickle
+
+    from teachers.safe_pickle import InertUnpickler, plain
+
+    data = pickle.dumps({"data_root": pathlib.PurePosixPath("/data/coco"), "at": datetime.date(2021, 6, 1)},
+                        protocol=2)
+    read = plain(InertUnpickler(io.BytesIO(data)).load())
+    assert read["data_root"] == {"args": ["/", "data", "coco"]} and "args" in read["at"]
