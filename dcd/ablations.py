@@ -162,9 +162,14 @@ def find_record(kind: str, method: str, seed: int, settings: DistillSettings, se
     it holds (or what an earlier dcd wrote for the same identity, :func:`dcd.migrate.legacy_record`; None: not
     measured yet)."""
     recipe, uses = row_recipe(settings, setup, method, seed)
-    role = role_of(kind, uses)
     student = build_student(kind, recipe, setup.teacher, setup.teacher_model)
-    identity = recipe.identity("student", role, start=weights_sha256(student))
+    return _locate(kind, method, seed, recipe, uses, student, settings, setup, root)
+
+
+def _locate(kind: str, method: str, seed: int, recipe: Recipe, uses: bool, student: Scorer,
+            settings: DistillSettings, setup: RunSetup, root: Path) -> Tuple[Path, Dict[str, Any], Optional[Dict]]:
+    """:func:`find_record` for a row whose recipe and untrained student are already built."""
+    identity = recipe.identity("student", role_of(kind, uses), start=weights_sha256(student))
     if kind == "fusion":  # measured as a re-ranker: of which retriever, at which depth, belongs to its record
         _, first_stage, _ = find_record("dual", "baseline", seed, settings, setup, root)
         identity = {**identity, "rerank": {"k": FUSION_RERANK_K, "first_stage": fingerprint(first_stage)}}
@@ -181,7 +186,9 @@ def find_record(kind: str, method: str, seed: int, settings: DistillSettings, se
 
 def _one_run(kind: str, method: str, seed: int, settings: DistillSettings, setup: RunSetup, root: Path,
              train: bool = True) -> Optional[Dict[str, Any]]:
-    path, identity, stored = find_record(kind, method, seed, settings, setup, root)
+    recipe, uses = row_recipe(settings, setup, method, seed)
+    student = build_student(kind, recipe, setup.teacher, setup.teacher_model)
+    path, identity, stored = _locate(kind, method, seed, recipe, uses, student, settings, setup, root)
     if stored is not None:
         if "migrated_from" in stored and is_main_process():  # today's name for it; the old file stays
             write_text(path, json.dumps(stored, indent=1, default=str))
@@ -189,10 +196,8 @@ def _one_run(kind: str, method: str, seed: int, settings: DistillSettings, setup
         return stored["record"]
     if not train:
         return None
-    recipe, uses = row_recipe(settings, setup, method, seed)
     splits, teacher = setup.splits, setup.teacher if uses else None
     started = time.time()
-    student = build_student(kind, recipe, setup.teacher, setup.teacher_model)
     trained, summary = train_student(role_of(kind, uses), student, teacher, recipe, splits, root,
                                      setup.cache if uses else None, label=method)
     extra: Dict[str, Any] = {}

@@ -127,12 +127,12 @@ def build_student(kind: str, recipe: Recipe, teacher: Optional[Scorer],
     return students.create_student(name)
 
 
-def student_stage(recipe: Recipe, role: str, student: Scorer, run_dir: Path, label: Optional[str] = None) -> Path:
-    """The content-addressed folder of a student ``role`` under ``run_dir/students``: ``dual-dcd-seed0-3f9c2a1b``
-    (``label`` replaces the method part, e.g. an ablation row's name)."""
+def student_stage(recipe: Recipe, role: str, identity: Dict[str, Any], run_dir: Path,
+                  label: Optional[str] = None) -> Path:
+    """The content-addressed folder of a student ``role`` with ``identity`` under ``run_dir/students``:
+    ``dual-dcd-seed0-3f9c2a1b`` (``label`` replaces the method part, e.g. an ablation row's name)."""
     kind, uses = ROLES[role]
     label = label or ("dcd" if uses else "baseline")
-    identity = recipe.identity("student", role, start=weights_sha256(student))
     return stage_dir(run_dir / STUDENTS_DIR, f"{kind}-{label}-seed{recipe.seed}", identity)
 
 
@@ -148,7 +148,7 @@ def train_student(role: str, student: Scorer, teacher: Optional[Scorer], recipe:
     if uses and teacher is None:
         raise ValueError(f"student role {role!r} trains with the teacher, and none was given")
     identity = recipe.identity("student", role, start=weights_sha256(student))
-    out = student_stage(recipe, role, student, run_dir, label)
+    out = student_stage(recipe, role, identity, run_dir, label)
     saved, summary_path = out / STUDENT_DIR, out / "summary.json"
     if label is None and not out.is_dir():  # trained by an earlier dcd in runs/<run>/<role>: used where it is
         from .migrate import legacy_student
@@ -232,14 +232,18 @@ def teacher_score_cache(teacher: Scorer, recipe: Recipe, train: CaptionSplit, ru
     from .score_cache import TeacherScoreCache, cache_header
 
     directory = stage_dir(run_dir, "score-cache", recipe.identity("score_cache"))
-    if is_main_process():  # rank 0 builds it (behind the lock); the other ranks open what it built
+    cache = None
+    if is_main_process():  # rank 0 builds it (behind the lock); the other ranks open what it built or found
         with stage_lock(directory):
-            legacy = None if directory.is_dir() else legacy_score_cache(run_dir, teacher, train, pool)
-            if legacy is None:
-                TeacherScoreCache.build(teacher, train, directory, pool_size=pool["pool_size"], seed=pool["seed"],
-                                        device=recipe.device, progress=recipe.output["progress"], near=pool["near"])
+            cache = None if directory.is_dir() else legacy_score_cache(run_dir, teacher, train, pool)
+            if cache is None:
+                cache = TeacherScoreCache.build(teacher, train, directory, pool_size=pool["pool_size"],
+                                                seed=pool["seed"], device=recipe.device,
+                                                progress=recipe.output["progress"], near=pool["near"])
                 claim_stage(directory, recipe.identity("score_cache"), "score cache")
-    where = from_main_process(str(legacy.directory) if is_main_process() and legacy is not None else str(directory))
+    where = from_main_process(str(cache.directory) if cache is not None else None)
+    if cache is not None:
+        return cache
     if Path(where) != directory:
         return legacy_score_cache(run_dir, teacher, train, pool)
     return TeacherScoreCache.open(directory, expect=cache_header(teacher, train, pool["pool_size"], pool["seed"],

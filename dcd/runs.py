@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
-from .stages import LATEST_FILE, STAGE_FILE, find_stages, lock_path, read_latest, read_stage
+from .stages import LATEST_FILE, STAGE_FILE, find_stages, read_latest, read_stage, stage_busy
 
 __all__ = ["list_stages", "format_table", "prune"]
 
@@ -186,25 +186,10 @@ def prune(root: str | Path, dry_run: bool = False) -> List[Path]:
                 continue
             if any(k.startswith(str(stage.resolve()) + "/") for k in keep):
                 continue  # holds a stage that is kept
-            if _in_use(stage):  # another process is writing it right now: not ours to delete
+            if stage_busy(stage):  # another process is writing it right now: not ours to delete
                 continue
             deleted.append(stage)
             if not dry_run:
                 shutil.rmtree(stage)
     return deleted
 
-
-def _in_use(stage: Path) -> bool:
-    """Whether a process holds the stage's lock (it trains or writes the stage now)."""
-    import fcntl
-
-    path = lock_path(stage)
-    if not path.is_file():
-        return False
-    with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(handle, fcntl.LOCK_UN)
-    return False

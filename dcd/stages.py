@@ -26,9 +26,8 @@ import torch
 from teachers.files import write_json
 
 __all__ = ["STAGE_FILE", "LATEST_FILE", "StageConflict", "canonical", "fingerprint", "weights_sha256",
-           "content_sha256", "stage_dir",
-           "claim_stage", "lock_path", "stage_lock", "read_stage", "write_latest", "read_latest", "student_dir",
-           "find_stages"]
+           "content_sha256", "stage_dir", "claim_stage", "lock_path", "stage_lock", "stage_busy", "read_stage",
+           "write_latest", "read_latest", "student_dir", "find_stages"]
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +147,20 @@ def stage_lock(directory: str | Path, poll: float = 1.0, log_after: float = 2.0)
         finally:
             handle.seek(0), handle.truncate(), handle.flush()
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def stage_busy(directory: str | Path) -> bool:
+    """Whether a process holds ``directory``'s lock right now (it trains or writes that stage)."""
+    path = lock_path(directory)
+    if not path.is_file():
+        return False
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
 
 
 def write_latest(run_dir: str | Path, stages: Mapping[str, str | Path], **extra: Any) -> Path:
