@@ -2,9 +2,9 @@
 
 A generated table sits between two markers naming its source::
 
-    <!-- generated: compression-bf16-teacher -->
+    <!-- generated: compression -->
     ...
-    <!-- end: compression-bf16-teacher -->
+    <!-- end: compression -->
 
 ``make docs`` (``python -m dcd.docs``) rewrites every such block from ``benchmarks/results/``; ``--check`` exits
 non-zero naming the blocks that differ (the test suite runs it), so a page never shows a figure its results
@@ -51,7 +51,7 @@ def _headline() -> str:
     """The fair comparison in one table: DCD's dual student against the same student and loss with no teacher."""
     from .ablations import paired_differences, summarise
 
-    records = _records("compression-bf16-teacher")
+    records = _records("compression")
     rows = {r["method"]: r for r in summarise(records)}
     (pair,) = [p for p in paired_differences(records, against={"dcd_denoised_t2i": "baseline_t2i"})]
     low, high = pair["ci95"] if pair["ci95"] else (float("nan"), float("nan"))
@@ -70,8 +70,8 @@ def _headline() -> str:
 GENERATORS: Dict[str, Callable[[], str]] = {
     "headline": _headline,
     "distill-meter": _distill,
-    "compression-bf16-teacher": _compression("compression-bf16-teacher"),
     "compression": _compression("compression"),
+    "compression-fp32-teacher": _compression("compression-fp32-teacher"),
     "compression-2epochs": _compression("compression_2epochs"),
     "compression-3200-steps": _compression("compression-max_steps3200-epochs16"),
     "compression-3200-steps-t3": _compression("compression-max_steps3200-epochs16-teacher_temperature3"),
