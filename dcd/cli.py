@@ -30,6 +30,9 @@ def _distill_options(p: argparse.ArgumentParser) -> None:
                    "(default: the embedded teacher, trained once on the embedded data set)")
     g.add_argument("--teacher-config", action="append", metavar="KEY=VALUE",
                    help="override a field of the teacher's preset or saved config (repeatable), e.g. num_layers=6")
+    g.add_argument("--teacher-folds", type=int, default=d.teacher_folds, metavar="K",
+                   help="out-of-fold targets: K teachers, each trained without one fold of the training images and "
+                        "scoring that fold's lists, so no target comes from a teacher that trained on it (1: off)")
     g.add_argument("--recipe", help="JSON or YAML file of settings (the fields of --print-recipe's 'settings', "
                    "or of this --help with '_' for '-'); flags given on the command line win")
     g.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")

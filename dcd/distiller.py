@@ -41,6 +41,7 @@ from teachers.base import Features, Scorer, Teacher, concat, to_device
 from . import candidates as cands
 from .hard_negatives import gather, select_hard
 from .losses import DISTILL_LOSSES, SELF_LOSSES, contrastive_loss, distill_loss, self_loss
+from .out_of_fold import query_folds
 from .weighting import WEIGHTINGS, AlphaSchedule, dynamic_weights, gap_alpha, gap_weights, uniform_weights
 
 log = logging.getLogger(__name__)
@@ -228,10 +229,13 @@ class Distiller(nn.Module):
         stats: Dict[str, Tensor] = {}
         for direction in cfg.directions:
             corpus = direction == "i2t" and self.captions is not None
+            # out-of-fold teachers score a list with the teacher that never trained on its query (dcd.out_of_fold)
+            t_img_q, t_txt_q = (query_folds(self.teacher, t_img, image_index), t_txt) if direction == "i2t" else \
+                (t_img, query_folds(self.teacher, t_txt, image_index))
             if corpus:
-                student_scores, teacher_scores = self._i2t_corpus(batch, s_img, t_img, s_txt, t_txt)
+                student_scores, teacher_scores = self._i2t_corpus(batch, s_img, t_img_q, s_txt, t_txt_q)
             else:
-                student_scores, teacher_scores = self._in_batch(direction, image_index, s_img, s_txt, t_img, t_txt)
+                student_scores, teacher_scores = self._in_batch(direction, image_index, s_img, s_txt, t_img_q, t_txt_q)
             self_scores, keep = student_scores, None
             if teacher_scores is not None and cfg.self_candidates == "random":
                 self_scores = self._i2t_corpus(batch, s_img, None, s_txt) if corpus else \

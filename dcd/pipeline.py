@@ -62,7 +62,8 @@ def load_data(settings: DistillSettings) -> Dict[str, CaptionSplit]:
 
 
 def load_teacher(recipe: Recipe, splits: Dict[str, CaptionSplit]) -> Tuple[Scorer, Dict[str, Any]]:
-    """The official / user checkpoint, or the embedded default's teacher (trained once, then reused)."""
+    """The official / user checkpoint, or the embedded default's teacher (trained once, then reused); with
+    ``--teacher-folds K``, K such teachers as one (:mod:`dcd.out_of_fold`)."""
     family, checkpoint = recipe.teacher["family"], recipe.teacher["checkpoint"]
     if checkpoint:
         model = teachers.create_model(family, checkpoint=checkpoint, **recipe.teacher["config"])
@@ -71,6 +72,10 @@ def load_teacher(recipe: Recipe, splits: Dict[str, CaptionSplit]) -> Tuple[Score
         raise ValueError(f"--data {recipe.data['source']} needs --teacher-checkpoint (the fine-tuned {family} "
                          "retrieval checkpoint); a teacher dcd trains itself is for the embedded set and for your "
                          "own data file (--data my.json)")
+    if recipe.teacher.get("folds", 1) > 1:
+        from .out_of_fold import out_of_fold_teacher
+
+        return out_of_fold_teacher(recipe, splits["train"], progress=recipe.output["progress"])
     return embedded_teacher(family, splits["train"], device=recipe.device, progress=recipe.output["progress"],
                             overrides=recipe.teacher["config"], precision=recipe.precision["cross"],
                             identity=recipe.identity("teacher"))

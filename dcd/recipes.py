@@ -176,6 +176,7 @@ class DistillSettings:
     teacher_checkpoint: Optional[str] = None
     teacher_config: Dict[str, Any] = field(default_factory=dict)  # overrides of the teacher's preset / saved config
     finetune_teacher: bool = False  # dcd teacher --teacher-checkpoint: fine-tune that checkpoint on --data further
+    teacher_folds: int = 1  # > 1: that many teachers, each scoring the training images it did not train on
     student: Optional[str] = None  # dual student registry name; None: the small one / "dual" (METER, real data)
     student_checkpoint: Optional[str] = None  # a save_pretrained dual student to start from
     out: Optional[str] = None
@@ -337,6 +338,8 @@ class Recipe:
             teacher.update(data_file=self.data["file_sha256"], data_root=self.data["image_root"])
         if self.teacher.get("start_sha256"):  # fine-tuning a checkpoint further: what it holds, not its path
             teacher["start"] = self.teacher["start_sha256"]
+        if self.teacher.get("folds", 1) > 1:  # out-of-fold teachers (dcd.out_of_fold); one teacher keeps its identity
+            teacher["folds"] = self.teacher["folds"]
         if stage == "teacher":
             return teacher
         cache = {"teacher": teacher, "teacher_weights": self.teacher_weights, "train": self.train,
@@ -385,6 +388,10 @@ def resolve(settings: DistillSettings, train=None, world_size: int = 1) -> Recip
     if (settings.teacher_checkpoint is None and preset.trains_teacher) or settings.finetune_teacher:
         if settings.teacher in EMBEDDED_TEACHERS:  # the checkpoint, if any, is where this training starts
             training = embedded_recipe(settings.teacher, settings.teacher_config, plan.cross)
+    if settings.teacher_folds != 1 and (settings.teacher_folds < 2 or training is None):
+        raise RecipeError(f"--teacher-folds {settings.teacher_folds}: out-of-fold targets need 2 or more teachers "
+                          "that dcd trains itself (the embedded set, your own data file, or a checkpoint fine-tuned "
+                          "with dcd teacher); a checkpoint given as the teacher was trained on every image")
     data = {"source": settings.data, "root": settings.data_root, "eval_split": settings.eval_split}
     if settings.data not in NAMED_DATA and Path(settings.data).is_file():  # the user's file: keyed by its content
         from .stages import content_sha256
@@ -403,7 +410,7 @@ def resolve(settings: DistillSettings, train=None, world_size: int = 1) -> Recip
                if train is not None else None),
         teacher={"family": settings.teacher, "checkpoint": settings.teacher_checkpoint,
                  "config": dict(sorted(settings.teacher_config.items())), "training": training,
-                 "start_sha256": start_sha256},
+                 "start_sha256": start_sha256, "folds": settings.teacher_folds},
         student={"name": dual_name, "checkpoint": settings.student_checkpoint},
         students=students, budget=budget, total_steps=steps, dcd=config, score_cache=cache,
         group_size=_default(settings.group_size, preset.group_size),

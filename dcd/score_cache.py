@@ -113,6 +113,7 @@ class TeacherScoreCache:
         """
         from dcd.candidates import neighbour_captions, random_captions
         from dcd.data import EvalImages
+        from dcd.out_of_fold import query_folds
 
         directory = Path(directory)
         header = cache_header(teacher, split, pool_size, seed, near)
@@ -142,7 +143,8 @@ class TeacherScoreCache:
                 for start in range(0, split.num_images, batch_size):
                     rows = list(range(start, min(start + batch_size, split.num_images)))
                     pixels = teacher.collate_images([images[i] for i in rows])
-                    image_features = teacher.encode_images(to_device(pixels, device))
+                    image_features = query_folds(teacher, teacher.encode_images(to_device(pixels, device)),
+                                                 torch.tensor(rows))  # out-of-fold teachers: the image's fold
                     pool_scores, own_captions, own_scores = _score_rows(
                         teacher, split, image_features, rows, pool, own, device, memo)
                     scores[start:start + len(rows)] = pool_scores

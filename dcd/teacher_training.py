@@ -185,7 +185,7 @@ def embedded_teacher(family: str, train: CaptionSplit, device: str = "cpu", prog
                      evaluate_on: Optional[CaptionSplit] = None,
                      overrides: Optional[Dict[str, Any]] = None,
                      precision: str = "auto", identity: Optional[Dict[str, Any]] = None,
-                     start: Optional[str] = None) -> Tuple[Scorer, Dict[str, Any]]:
+                     start: Optional[str] = None, reuse_legacy: bool = True) -> Tuple[Scorer, Dict[str, Any]]:
     """The embedded default's teacher of ``family``: trained once, then loaded from disk.
 
     ``overrides`` (``--teacher-config key=value``) change the training recipe (:data:`dcd.recipes.TRAINING_KEYS`, e.g.
@@ -194,7 +194,9 @@ def embedded_teacher(family: str, train: CaptionSplit, device: str = "cpu", prog
     ``auto``: what pays on ``device`` for a cross-encoder, :func:`teachers.precision.choose`). ``identity``: the
     run recipe's ``identity("teacher")``, when there is one. ``start``: a checkpoint (official, or a teacher saved
     by dcd) to fine-tune further with the recipe's training budget, instead of the recipe's untrained model. A
-    teacher trained by an earlier dcd, in the folder it named then, is used where it is (:mod:`dcd.migrate`).
+    teacher trained by an earlier dcd, in the folder it named then, is used where it is (:mod:`dcd.migrate`),
+    unless ``reuse_legacy`` is False (a teacher of part of the data, :mod:`dcd.out_of_fold`: such a folder names
+    the family and data only, and holds the teacher of the whole split).
     """
     from teachers.precision import choose
 
@@ -204,7 +206,8 @@ def embedded_teacher(family: str, train: CaptionSplit, device: str = "cpu", prog
     recipe = embedded_recipe(family, overrides, precision)
     identity = identity or embedded_identity(family, overrides, precision, device)
     directory = teacher_dir(family, train, identity=identity)
-    legacy = None if directory.is_dir() else legacy_teacher_dir(family, train, overrides, precision, recipe)
+    legacy = None if directory.is_dir() or not reuse_legacy else \
+        legacy_teacher_dir(family, train, overrides, precision, recipe)
     directory = legacy or directory
     weights, info_path = directory / "model", directory / "teacher.json"
     with stage_lock(directory) if is_main_process() else contextlib.nullcontext():

@@ -1,0 +1,203 @@
+"""Out-of-fold teacher targets: every list the student learns from is scored by a teacher that never trained on it.
+
+Why: DCD distils the teacher's scores on the *training* captions. A teacher trained 4x longer ranked test 48 RSUM
+better, yet gave worse students: on its own training lists it had put 0.61 of its softmax on the positive (the
+default teacher 0.46), a near one-hot target exactly where the student learns (docs/experiments.md). Cross-fitting,
+as stacking does it: the training images are dealt into K folds; teacher f trains on every fold but f and scores the
+lists whose query lies in fold f -- an image for image->text, a caption's image for text->image -- so a target is
+always what the teacher predicts on data it has not seen. Outside the training split (val, test: no fold) the K
+teachers' logits are averaged.
+
+``dcd distill --teacher-folds K`` / ``dcd ablations --teacher-folds K`` train the K teachers with the embedded
+recipe (each a stage folder of its own, keyed by the fold), and :class:`FoldEnsemble` is the teacher the run sees.
+The two places that score training lists, the score cache and :class:`dcd.distiller.Distiller`, mark each list's
+query with :func:`query_folds`; for any other teacher that is a no-op.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from teachers.base import Features, Inputs, Scorer, Teacher, Towers, select
+from teachers.files import write_text
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FoldEnsemble", "assign_folds", "query_folds", "out_of_fold_teacher"]
+
+#: the feature key that names, per item, the fold whose teacher scores the pairs that item is the query of
+FOLD = "fold"
+
+
+def assign_folds(num_images: int, folds: int, seed: int = 0) -> Tensor:
+    """``fold[i]`` in ``0..folds-1`` for each training image: a seeded shuffle dealt round-robin, so the folds
+    differ in size by one at most and the same split always gets the same folds."""
+    if folds < 2:
+        raise ValueError(f"out-of-fold targets need at least 2 folds, got {folds}")
+    if num_images < folds:
+        raise ValueError(f"{num_images} training image(s) cannot be dealt into {folds} folds")
+    order = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed))
+    fold = torch.empty(num_images, dtype=torch.long)
+    fold[order] = torch.arange(num_images) % folds
+    return fold
+
+
+class FoldEnsemble(Scorer):
+    """K teachers of one architecture and the fold of each training image; scores each pair with the teacher of
+    its query's fold (:data:`FOLD` on the image features, else on the text features), else their mean."""
+
+    def __init__(self, members: Sequence[Scorer], fold_of_image: Tensor):
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError("a FoldEnsemble needs at least 2 members")
+        if int(fold_of_image.max()) >= len(members) or int(fold_of_image.min()) < 0:
+            raise ValueError(f"fold_of_image names folds outside 0..{len(members) - 1}")
+        self.members = nn.ModuleList(members)
+        self.register_buffer("fold_of_image", fold_of_image.long().clone())
+        first = members[0]
+        self.family = first.family
+        self.pair_chunk = first.pair_chunk
+        self.fusion_frozen = getattr(first, "fusion_frozen", ())
+
+    @property
+    def folds(self) -> int:
+        return len(self.members)
+
+    # ------------------------------------------------------------------ preprocessing: the members share it
+    def image_transform(self, train: bool = False) -> Callable:
+        return self.members[0].image_transform(train)
+
+    def collate_images(self, images: List[Tensor]) -> Inputs:
+        return self.members[0].collate_images(images)
+
+    def tokenize(self, texts: Sequence[str]) -> Inputs:
+        return self.members[0].tokenize(texts)
+
+    @property
+    def tokenizer(self):
+        return self.members[0].tokenizer
+
+    def input_image_hw(self) -> Tuple[int, int]:
+        return self.members[0].input_image_hw()
+
+    # ------------------------------------------------------------------ features: every member's, prefixed
+    def encode_images(self, images: Inputs) -> Features:
+        return {f"{f}/{key}": value for f, member in enumerate(self.members)
+                for key, value in member.encode_images(images).items()}
+
+    def encode_texts(self, texts: Inputs) -> Features:
+        return {f"{f}/{key}": value for f, member in enumerate(self.members)
+                for key, value in member.encode_texts(texts).items()}
+
+    def score_feature_pairs(self, image_features: Features, text_features: Features) -> Tensor:
+        fold = image_features.get(FOLD, text_features.get(FOLD))
+        count = len(next(v for k, v in image_features.items() if k != FOLD))
+        device = next(iter(image_features.values())).device
+        if fold is None:
+            fold = torch.full((count,), -1, dtype=torch.long, device=device)
+        logits = torch.zeros(count, dtype=torch.float32, device=device)
+        unmarked = fold < 0
+        for f, member in enumerate(self.members):
+            rows = ((fold == f) | unmarked).nonzero(as_tuple=True)[0]
+            if len(rows) == 0:
+                continue
+            scores = member.score_feature_pairs(select(_member_part(image_features, f), rows),
+                                                select(_member_part(text_features, f), rows)).float()
+            logits[rows] += torch.where(unmarked[rows], scores / self.folds, scores)
+        return logits
+
+    def score_features(self, image_features: Features, text_features: Features) -> Tensor:
+        """Every image with every text; unmarked (val, test): each member's own full-matrix path, averaged."""
+        if FOLD in image_features or FOLD in text_features:
+            return super().score_features(image_features, text_features)
+        total = sum(member.score_features(_member_part(image_features, f), _member_part(text_features, f)).float()
+                    for f, member in enumerate(self.members))
+        return total / self.folds
+
+    # ------------------------------------------------------------------ what students take: the first member's
+    def unimodal_towers(self) -> Towers:
+        return self.members[0].unimodal_towers()
+
+    @property
+    def num_fusion_layers(self) -> int:
+        from teachers.base import num_fusion_layers
+
+        return num_fusion_layers(self.members[0])
+
+    def shrink(self, layers):
+        """A fusion student starts from the first member's layers (every member is the same architecture)."""
+        return self.members[0].shrink(layers)
+
+    def save_pretrained(self, directory) -> None:
+        raise NotImplementedError("a FoldEnsemble is not saved as one model: each member is in its own teacher "
+                                  "folder (folds.json beside the ensemble's scores names them)")
+
+
+def _member_part(features: Features, member: int) -> Features:
+    prefix = f"{member}/"
+    return {key[len(prefix):]: value for key, value in features.items() if key.startswith(prefix)}
+
+
+def _ensemble_of(teacher: Optional[nn.Module]) -> Optional[FoldEnsemble]:
+    model = teacher.model if isinstance(teacher, Teacher) else teacher
+    return model if isinstance(model, FoldEnsemble) else None
+
+
+def query_folds(teacher: Optional[nn.Module], features: Optional[Features], image_index: Tensor) -> Optional[Features]:
+    """``features`` marked as the queries of the lists they head: item i belongs to training image
+    ``image_index[i]`` (an image, or a caption's image). Unchanged (the same object) for any teacher that is not
+    a :class:`FoldEnsemble`."""
+    ensemble = _ensemble_of(teacher)
+    if ensemble is None or features is None:
+        return features
+    index = image_index.to(ensemble.fold_of_image.device).long()
+    if int(index.max()) >= len(ensemble.fold_of_image):
+        raise ValueError(f"training image {int(index.max())} has no fold: the ensemble's folds were dealt over "
+                         f"{len(ensemble.fold_of_image)} images (another training split?)")
+    device = next(iter(features.values())).device
+    return {**features, FOLD: ensemble.fold_of_image[index].to(device)}
+
+
+# ---------------------------------------------------------------------------------------------- training the folds
+def out_of_fold_teacher(recipe, train, progress: bool = True) -> Tuple[FoldEnsemble, Dict[str, Any]]:
+    """The K teachers of ``recipe.teacher["folds"]``, each trained (once, then reused) by the embedded recipe on
+    every training image but its fold's, as one :class:`FoldEnsemble`; and its info (``path``: the ensemble's
+    ``folds.json``, beside which its exhaustive scores are cached)."""
+    from .data import dcd_home
+    from .stages import claim_stage, stage_busy, stage_dir
+    from .teacher_training import embedded_teacher, teacher_dir
+    from .trainer import is_main_process
+
+    folds = int(recipe.teacher["folds"])
+    family, identity = recipe.teacher["family"], recipe.identity("teacher")
+    fold_of_image = assign_folds(train.num_images, folds, seed=0)
+    subsets = [train.select_images((fold_of_image != f).nonzero(as_tuple=True)[0].tolist(),
+                                   f"{train.name}-without-fold{f}of{folds}") for f in range(folds)]
+    trained: Dict[int, Tuple[Scorer, Dict[str, Any]]] = {}
+    while len(trained) < folds:  # a fold another process is training waits until last: two sweeps share the work
+        pending = [f for f in range(folds) if f not in trained]
+        f = next((f for f in pending if not stage_busy(teacher_dir(family, subsets[f], identity={**identity, "fold": f}))),
+                 pending[0])
+        log.info("teacher fold %d of %d: trains on %d of %d training images, scores the other %d", f + 1, folds,
+                 subsets[f].num_images, train.num_images, train.num_images - subsets[f].num_images)
+        trained[f] = embedded_teacher(family, subsets[f], device=recipe.device, progress=progress,
+                                      overrides=recipe.teacher["config"], precision=recipe.precision["cross"],
+                                      identity={**identity, "fold": f}, start=recipe.teacher.get("checkpoint"),
+                                      reuse_legacy=False)
+    members = [trained[f][0] for f in range(folds)]
+    infos = [trained[f][1] for f in range(folds)]
+    ensemble = FoldEnsemble(members, fold_of_image)
+    directory = stage_dir(dcd_home() / "teachers", f"{family}-folds{folds}", identity)
+    summary = {"family": family, "folds": folds, "precision": infos[0].get("precision"),
+               "train_seconds": round(sum(float(i.get("train_seconds") or 0) for i in infos), 1),
+               "members": [i["path"] for i in infos],
+               "fold_sizes": torch.bincount(fold_of_image, minlength=folds).tolist()}
+    if is_main_process():
+        claim_stage(directory, identity, "teacher-folds")
+        write_text(directory / "folds.json", json.dumps({**summary, "identity": identity}, indent=1, default=str))
+    return ensemble, {**summary, "path": str(directory / "folds.json")}
+
