@@ -102,33 +102,49 @@ def cached_score_matrix(model: Scorer, split, directory: str | Path, device: str
     ``info`` holds the header, the metrics of :func:`metrics_from_matrix` and ``elapsed_s``, the time the
     exhaustive scoring took when it was computed (the figure a speed-up is measured against).
     """
+    from .stages import stage_lock
+
     directory = Path(directory)
     matrix_path, info_path = directory / f"{_stem(model, split)}.npy", directory / f"{_stem(model, split)}.json"
     header = _header(model, split)
-    if info_path.is_file() and matrix_path.is_file():
-        info = _stored_info(info_path, header, model)
-        if info is not None:
-            log.info("scores of %s: reusing %s", split.name, matrix_path)
-            return torch.from_numpy(np.load(matrix_path)), info
-        log.info("scores of %s: %s was made for another model or split; recomputing", split.name, matrix_path)
-    import time
+    found = _stored_scores(matrix_path, info_path, header, model, split)
+    if found is not None:
+        return found
+    with stage_lock(matrix_path.with_suffix("")):  # a second sweep waits for the first's pass, then reads it
+        found = _stored_scores(matrix_path, info_path, header, model, split)
+        if found is not None:
+            return found
+        import time
 
-    started = time.perf_counter()
-    was_training = model.training
-    model.eval()
-    try:
-        scores = retrieval.score_matrix(model, retrieval.eval_images(model, split, 64, 0), split.captions,
-                                        device=device, progress=progress)
-        if "fp32_refined_top" in header:
-            scores = refine_top(model, scores, retrieval.eval_images(model, split, 64, 0), split.captions,
-                                header["fp32_refined_top"], device)
-    finally:
-        model.train(was_training)
-    elapsed = time.perf_counter() - started
-    info = {"header": header, "metrics": metrics_from_matrix(scores, split), "elapsed_s": round(elapsed, 2)}
-    save_array(matrix_path, scores.float().numpy())
-    write_json(info_path, info, indent=1, sort_keys=False, newline=False)
+        started = time.perf_counter()
+        was_training = model.training
+        model.eval()
+        try:
+            scores = retrieval.score_matrix(model, retrieval.eval_images(model, split, 64, 0), split.captions,
+                                            device=device, progress=progress)
+            if "fp32_refined_top" in header:
+                scores = refine_top(model, scores, retrieval.eval_images(model, split, 64, 0), split.captions,
+                                    header["fp32_refined_top"], device)
+        finally:
+            model.train(was_training)
+        elapsed = time.perf_counter() - started
+        info = {"header": header, "metrics": metrics_from_matrix(scores, split), "elapsed_s": round(elapsed, 2)}
+        save_array(matrix_path, scores.float().numpy())
+        write_json(info_path, info, indent=1, sort_keys=False, newline=False)
     return scores, info
+
+
+def _stored_scores(matrix_path: Path, info_path: Path, header: Dict[str, Any], model: Scorer,
+                   split) -> Optional[Tuple[Tensor, Dict[str, Any]]]:
+    """The matrix and info stored for ``header``, or None (nothing stored, or stored for another model / split)."""
+    if not (info_path.is_file() and matrix_path.is_file()):
+        return None
+    info = _stored_info(info_path, header, model)
+    if info is None:
+        log.info("scores of %s: %s was made for another model or split; recomputing", split.name, matrix_path)
+        return None
+    log.info("scores of %s: reusing %s", split.name, matrix_path)
+    return torch.from_numpy(np.load(matrix_path)), info
 
 
 def stored_score_info(model: Scorer, split, directory: str | Path) -> Optional[Dict[str, Any]]:

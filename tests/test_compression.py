@@ -274,6 +274,40 @@ def test_cached_score_matrix_is_reused_and_rerank_matches(splits, tmp_path):
     assert full["rsum"] == pytest.approx(info["metrics"]["rsum"])
 
 
+
+def test_a_second_process_waits_for_the_exhaustive_pass_and_reads_it(splits, tmp_path, monkeypatch):
+    import shutil
+    import threading
+    import time
+
+    from dcd import retrieval
+    from dcd.stages import stage_lock
+
+    split = splits["eval"]
+    teacher = as_teacher(meter_preset("roberta32x1-vit32x2"))
+    scores, info = score_matrices.cached_score_matrix(teacher, split, tmp_path / "first", progress=False)
+    [matrix] = (tmp_path / "first").glob("*.npy")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    held, released = threading.Event(), threading.Event()
+
+    def other_sweep():  # holds the pass's lock, writes its result, then lets go
+        with stage_lock(shared / matrix.stem):
+            held.set()
+            time.sleep(0.5)
+            for path in (tmp_path / "first").iterdir():
+                if not path.name.startswith("."):
+                    shutil.copy(path, shared / path.name)
+        released.set()
+
+    thread = threading.Thread(target=other_sweep)
+    thread.start()
+    held.wait()
+    monkeypatch.setattr(retrieval, "score_matrix", lambda *a, **k: pytest.fail("scored again while another pass ran"))
+    again, info2 = score_matrices.cached_score_matrix(teacher, split, shared, progress=False)
+    thread.join()
+    assert released.is_set() and torch.equal(again, scores) and info2 == info
+
 def test_rerank_curve_matches_each_depth_and_k_is_chosen_on_val(splits):
     from dcd import retrieval
 
