@@ -225,7 +225,8 @@ def embedded_teacher(family: str, train: CaptionSplit, device: str = "cpu", prog
         info: Dict[str, Any] = {"family": family, "preset": None if start else recipe["preset"], "start": start,
                                 "precision": precision,
                                 "train_seconds": seconds_trained(history),
-                                "steps": recipe["max_steps"], "lr": recipe["lr"], "path": str(weights)}
+                                "steps": max((int(r["step"]) for r in history if "step" in r), default=0),
+                                "max_steps": recipe["max_steps"], "lr": recipe["lr"], "path": str(weights)}
         if evaluate_on is not None:
             info[evaluate_on.name] = retrieval.evaluate(model, evaluate_on, device=device, progress=False)
         if is_main_process():

@@ -138,7 +138,7 @@ def test_distill_with_out_of_fold_teachers_end_to_end(tiny_data_json, tmp_path, 
     assert sum(folds["fold_sizes"]) == train.num_images and len(folds["members"]) == 2
     for member in members:  # each trained on the other fold only: one epoch of 8 images' 40 captions at batch 32
         records = (member / "training" / "metrics.jsonl").read_text().splitlines()  # is 1 step (all 16 images: 2)
-        assert json.loads(records[-1])["step"] == 1
+        assert json.loads(records[-1])["step"] == 1 == json.loads((member / "teacher.json").read_text())["steps"]
     results = json.loads((run / "results.json").read_text())
     assert [r["model"] for r in results["results"]][:3] == ["teacher", "baseline dual", "dcd dual"]
     assert results["teacher"]["folds"] == 2 and (ensemble / "scores").is_dir()  # its exhaustive test scores
