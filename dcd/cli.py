@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-config", action="append", metavar="KEY=VALUE",
                    help="override the embedded teacher's training (epochs, max_steps, lr, group_size) or model config "
                         "(repeatable); such a teacher is trained into a folder of its own")
+    p.add_argument("--teacher-folds", type=int, default=1, metavar="K",
+                   help="train K teachers, each without one fold of the training images (out-of-fold targets for "
+                        "dcd distill --teacher-folds K); evaluated as their mean")
     p.add_argument("--compare-dual", action="store_true",
                    help="also train the undistilled dual student for the teacher's training time and report both")
     p.add_argument("--out", help="run folder of --compare-dual (default: runs/<teacher>-synthetic)")
@@ -312,7 +315,7 @@ def _run(args: argparse.Namespace) -> int:
 
         settings = DistillSettings(teacher=args.teacher, data=args.data, data_root=args.data_root, device=args.device,
                                    teacher_config=parse_overrides(args.teacher_config), out=args.out,
-                                   teacher_checkpoint=args.teacher_checkpoint,
+                                   teacher_checkpoint=args.teacher_checkpoint, teacher_folds=args.teacher_folds,
                                    finetune_teacher=args.teacher_checkpoint is not None)
         splits = load_data(settings)  # a user's own file: unreadable images skipped and listed, val carved if absent
         recipe = resolve(settings, splits["train"])
@@ -320,9 +323,14 @@ def _run(args: argparse.Namespace) -> int:
             raise SystemExit(f"dcd: error: dcd teacher trains on the embedded set or on your own data file, not on "
                              f"--data {args.data}: bring its fine-tuned checkpoint (--teacher-checkpoint) to distill")
         test = splits["eval"]
-        model, info = embedded_teacher(args.teacher, splits["train"], device=args.device,
-                                       overrides=settings.teacher_config, precision=recipe.precision["cross"],
-                                       identity=recipe.identity("teacher"), start=args.teacher_checkpoint)
+        if args.teacher_folds > 1:
+            from .out_of_fold import out_of_fold_teacher
+
+            model, info = out_of_fold_teacher(recipe, splits["train"])
+        else:
+            model, info = embedded_teacher(args.teacher, splits["train"], device=args.device,
+                                           overrides=settings.teacher_config, precision=recipe.precision["cross"],
+                                           identity=recipe.identity("teacher"), start=args.teacher_checkpoint)
         # the exhaustive val and test scores, cached beside the teacher: students and ablations reuse them
         for split in (splits["val"], test):
             _, scored = cached_score_matrix(as_teacher(model), split, Path(info["path"]).parent / "scores", args.device)

@@ -126,9 +126,15 @@ def test_distill_with_out_of_fold_teachers_end_to_end(tiny_data_json, tmp_path, 
     argv = ["distill", "--data", str(tiny_data_json), "--out", str(run), "--max-steps", "2", "--batch-size", "4",
             "--epochs", "1", "--rerank-k", "3", "--student", "dual-bert32x1-vit32x1", "--no-fusion",
             "--teacher-folds", "2"]
-    assert cli.main(argv) == 0
+    # `dcd teacher --teacher-folds 2` trains both and scores val and test with their mean
+    assert cli.main(["teacher", "--data", str(tiny_data_json), "--teacher-folds", "2"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["folds"] == 2 and 0 < shown["synthetic-test"]["rsum"] <= 600
     home = tmp_path / "home" / "teachers"
     members = sorted(p for p in home.iterdir() if p.is_dir() and (p / "model").is_dir())
+    trained = {p: p.stat().st_mtime for p in members}
+    assert cli.main(argv) == 0  # dcd distill finds them
+    assert {p: p.stat().st_mtime for p in members} == trained
     assert len(members) == 2  # one teacher per fold, each in a stage folder of its own
     identities = [json.loads((p / "stage.json").read_text())["identity"] for p in members]
     assert sorted(i["fold"] for i in identities) == [0, 1] and all(i["folds"] == 2 for i in identities)
