@@ -67,8 +67,36 @@ def _headline() -> str:
     return "\n".join(lines)
 
 
+#: each of DCD's parts -> the ablation row that takes it out of the full recipe (``dcd_denoised_t2i``)
+PARTS = (("the teacher (distillation itself)", "baseline_t2i"),
+         ("the teacher's hard negatives", "dcd_random_negatives_denoised_t2i"),
+         ("the entropy weights", "dcd_uniform_weights_denoised_t2i"),
+         ("the alpha schedule", "dcd_static_alpha_denoised_t2i"),
+         ("all three (vanilla KD)", "vanilla_kd_denoised_t2i"))
+
+
+def _parts() -> str:
+    """What each of DCD's parts adds: the full recipe minus the row without it, paired by seed, with its interval."""
+    from .ablations import paired_differences
+
+    records = _records("compression")
+    pairs = {p["method"]: p for p in paired_differences(records, against={m: "dcd_denoised_t2i" for _, m in PARTS})}
+    lines = ["| part of DCD | full recipe minus the row without it (test RSUM) | 95 % CI | seeds |", "|---|---|---|---|"]
+    for label, method in PARTS:
+        pair = pairs.get(method)
+        if pair is None:
+            lines.append(f"| {label} | not measured yet | | 0 |")
+            continue
+        gain = [-d for d in pair["differences"]]
+        interval = f"[{-pair['ci95'][1]:+.1f}, {-pair['ci95'][0]:+.1f}]" if pair["ci95"] else "-"
+        spread = f" ± {pair['std']:.1f}" if pair["pairs"] > 1 else ""
+        lines.append(f"| {label} | {sum(gain) / len(gain):+.1f}{spread} | {interval} | {pair['pairs']} |")
+    return "\n".join(lines)
+
+
 GENERATORS: Dict[str, Callable[[], str]] = {
     "headline": _headline,
+    "parts": _parts,
     "distill-meter": _distill,
     "compression": _compression("compression"),
     "compression-fp32-teacher": _compression("compression-fp32-teacher"),
