@@ -5,8 +5,10 @@ better, yet gave worse students: on its own training lists it had put 0.61 of it
 default teacher 0.46), a near one-hot target exactly where the student learns (docs/experiments.md). Cross-fitting,
 as stacking does it: the training images are dealt into K folds; teacher f trains on every fold but f and scores the
 lists whose query lies in fold f -- an image for image->text, a caption's image for text->image -- so a target is
-always what the teacher predicts on data it has not seen. Outside the training split (val, test: no fold) the K
-teachers' logits are averaged.
+always what the teacher predicts on data it has not seen. Images whose captions are each other's nearest
+neighbours (the binding twins of the embedded set) share a fold, so no teacher has trained on a query's hardest
+negatives either. Outside the training split (val, test: no fold) the K teachers' logits are averaged; the teacher
+row of a report is then the K of them (K times the parameters and the scoring time).
 
 ``dcd distill --teacher-folds K`` / ``dcd ablations --teacher-folds K`` train the K teachers with the embedded
 recipe (each a stage folder of its own, keyed by the fold), and :class:`FoldEnsemble` is the teacher the run sees.
@@ -15,6 +17,7 @@ query with :func:`query_folds`; for any other teacher that is a no-op.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -27,23 +30,66 @@ from teachers.files import write_text
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FoldEnsemble", "assign_folds", "query_folds", "out_of_fold_teacher"]
+__all__ = ["FoldEnsemble", "assign_folds", "neighbour_groups", "query_folds", "out_of_fold_teacher"]
 
 #: the feature key that names, per item, the fold whose teacher scores the pairs that item is the query of
 FOLD = "fold"
 
 
-def assign_folds(num_images: int, folds: int, seed: int = 0) -> Tensor:
-    """``fold[i]`` in ``0..folds-1`` for each training image: a seeded shuffle dealt round-robin, so the folds
-    differ in size by one at most and the same split always gets the same folds."""
+def assign_folds(num_images: int, folds: int, seed: int = 0,
+                 groups: Optional[Sequence[Sequence[int]]] = None) -> Tensor:
+    """``fold[i]`` in ``0..folds-1`` for each training image, the same for the same split every time.
+
+    ``groups`` (lists of image indices covering every image once) are dealt whole: in a seeded order, largest
+    first, each to the fold with the fewest images so far, so the folds stay within a group's size of each other.
+    Without them each image is its own group."""
     if folds < 2:
         raise ValueError(f"out-of-fold targets need at least 2 folds, got {folds}")
     if num_images < folds:
         raise ValueError(f"{num_images} training image(s) cannot be dealt into {folds} folds")
-    order = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed))
+    groups = [list(g) for g in groups] if groups is not None else [[i] for i in range(num_images)]
+    if sorted(i for g in groups for i in g) != list(range(num_images)):
+        raise ValueError(f"groups must cover each of the {num_images} training images exactly once")
+    order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed)).tolist()
+    order.sort(key=lambda g: -len(groups[g]))  # stable: the seeded order within each size
     fold = torch.empty(num_images, dtype=torch.long)
-    fold[order] = torch.arange(num_images) % folds
+    sizes = [0] * folds
+    for g in order:
+        target = min(range(folds), key=lambda f: (sizes[f], f))
+        fold[groups[g]] = target
+        sizes[target] += len(groups[g])
     return fold
+
+
+def neighbour_groups(split) -> List[List[int]]:
+    """The training images in groups that must share a fold: the connected parts of the graph joining each image
+    to its nearest neighbour by caption words (:func:`dcd.data.neighbour_batches.caption_neighbours`). On the
+    embedded set those are the binding twins (groups of 2 to 7 images): a teacher trained on one twin has trained
+    on the captions that are its twin's hardest negatives."""
+    from dcd.data.neighbour_batches import caption_neighbours
+
+    if split.num_images < 2:
+        return [[i] for i in range(split.num_images)]
+    nearest = caption_neighbours(split, 1)[:, 0].tolist()
+    parent = list(range(split.num_images))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j in enumerate(nearest):
+        parent[root(i)] = root(j)
+    groups: Dict[int, List[int]] = {}
+    for i in range(split.num_images):
+        groups.setdefault(root(i), []).append(i)
+    return list(groups.values())
+
+
+def images_sha256(split) -> str:
+    """sha256 of a split's image ids, in order: what a fold teacher trained on, part of its identity."""
+    return hashlib.sha256("\n".join(str(i) for i in split.image_ids).encode()).hexdigest()
 
 
 class FoldEnsemble(Scorer):
@@ -163,6 +209,17 @@ def query_folds(teacher: Optional[nn.Module], features: Optional[Features], imag
 
 
 # ---------------------------------------------------------------------------------------------- training the folds
+def fold_members(recipe, train) -> Tuple[Tensor, List[Any], List[Dict[str, Any]]]:
+    """``(fold_of_image, training split of each fold teacher, identity of each)``: each fold teacher is keyed by the
+    images it trains on, so another split (or another dealing) is another teacher, never a reused one."""
+    folds = int(recipe.teacher["folds"])
+    fold_of_image = assign_folds(train.num_images, folds, seed=0, groups=neighbour_groups(train))
+    subsets = [train.select_images((fold_of_image != f).nonzero(as_tuple=True)[0].tolist(),
+                                   f"{train.name}-without-fold{f}of{folds}") for f in range(folds)]
+    identity = recipe.identity("teacher")
+    return fold_of_image, subsets, [{**identity, "fold": f, "images": images_sha256(subsets[f])} for f in range(folds)]
+
+
 def out_of_fold_teacher(recipe, train, progress: bool = True) -> Tuple[FoldEnsemble, Dict[str, Any]]:
     """The K teachers of ``recipe.teacher["folds"]``, each trained (once, then reused) by the embedded recipe on
     every training image but its fold's, as one :class:`FoldEnsemble`; and its info (``path``: the ensemble's
@@ -170,23 +227,22 @@ def out_of_fold_teacher(recipe, train, progress: bool = True) -> Tuple[FoldEnsem
     from .data import dcd_home
     from .stages import claim_stage, stage_busy, stage_dir
     from .teacher_training import embedded_teacher, teacher_dir
-    from .trainer import is_main_process
+    from .trainer import from_main_process, is_main_process
 
     folds = int(recipe.teacher["folds"])
     family, identity = recipe.teacher["family"], recipe.identity("teacher")
-    fold_of_image = assign_folds(train.num_images, folds, seed=0)
-    subsets = [train.select_images((fold_of_image != f).nonzero(as_tuple=True)[0].tolist(),
-                                   f"{train.name}-without-fold{f}of{folds}") for f in range(folds)]
+    fold_of_image, subsets, member_identity = fold_members(recipe, train)
     trained: Dict[int, Tuple[Scorer, Dict[str, Any]]] = {}
     while len(trained) < folds:  # a fold another process is training waits until last: two sweeps share the work
         pending = [f for f in range(folds) if f not in trained]
-        f = next((f for f in pending if not stage_busy(teacher_dir(family, subsets[f], identity={**identity, "fold": f}))),
-                 pending[0])
+        free = next((f for f in pending if not stage_busy(teacher_dir(family, subsets[f], identity=member_identity[f]))),
+                    pending[0])
+        f = from_main_process(free)  # under torchrun every rank trains (or loads) the fold rank 0 chose
         log.info("teacher fold %d of %d: trains on %d of %d training images, scores the other %d", f + 1, folds,
                  subsets[f].num_images, train.num_images, train.num_images - subsets[f].num_images)
         trained[f] = embedded_teacher(family, subsets[f], device=recipe.device, progress=progress,
                                       overrides=recipe.teacher["config"], precision=recipe.precision["cross"],
-                                      identity={**identity, "fold": f}, start=recipe.teacher.get("checkpoint"),
+                                      identity=member_identity[f], start=recipe.teacher.get("checkpoint"),
                                       reuse_legacy=False)
     members = [trained[f][0] for f in range(folds)]
     infos = [trained[f][1] for f in range(folds)]

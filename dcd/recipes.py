@@ -388,11 +388,10 @@ def resolve(settings: DistillSettings, train=None, world_size: int = 1) -> Recip
     if (settings.teacher_checkpoint is None and preset.trains_teacher) or settings.finetune_teacher:
         if settings.teacher in EMBEDDED_TEACHERS:  # the checkpoint, if any, is where this training starts
             training = embedded_recipe(settings.teacher, settings.teacher_config, plan.cross)
-    if settings.teacher_folds != 1 and (settings.teacher_folds < 2 or training is None):
+    if settings.teacher_folds != 1 and (settings.teacher_folds < 2 or training is None or settings.teacher_checkpoint):
         raise RecipeError(f"--teacher-folds {settings.teacher_folds}: out-of-fold targets need 2 or more teachers "
-                          "that dcd trains itself (the embedded set, or your own data file without --teacher-checkpoint; "
-                          "dcd teacher can fine-tune a checkpoint per fold); a checkpoint given as the teacher was "
-                          "trained on every image")
+                          "that dcd trains from scratch (the embedded set, or your own data file without "
+                          "--teacher-checkpoint); a checkpoint was trained on every image")
     data = {"source": settings.data, "root": settings.data_root, "eval_split": settings.eval_split}
     if settings.data not in NAMED_DATA and Path(settings.data).is_file():  # the user's file: keyed by its content
         from .stages import content_sha256

@@ -10,7 +10,7 @@ import dcd
 import students
 from dcd import cli
 from dcd.data import EvalImages, TrainPairs, load_karpathy
-from dcd.out_of_fold import FOLD, FoldEnsemble, assign_folds, query_folds
+from dcd.out_of_fold import FOLD, FoldEnsemble, assign_folds, images_sha256, query_folds
 from dcd.recipes import DistillSettings, RecipeError, resolve
 from dcd.score_cache import TeacherScoreCache
 from teachers import as_teacher
@@ -34,10 +34,26 @@ def test_folds_are_balanced_seeded_and_refused_when_impossible():
     assert torch.equal(fold, assign_folds(15, 2)) and not torch.equal(fold, assign_folds(15, 2, seed=1))
     assert sorted(torch.bincount(fold).tolist()) == [7, 8]
     assert torch.bincount(assign_folds(9, 3)).tolist() == [3, 3, 3]
+    groups = [[0, 5, 6], [1, 2], [3], [4, 7, 8, 9]]  # dealt whole, largest first, to the emptier fold
+    grouped = assign_folds(10, 2, groups=groups)
+    assert all(len(set(grouped[g].tolist())) == 1 for g in groups) and sorted(torch.bincount(grouped).tolist()) == [5, 5]
+    with pytest.raises(ValueError, match="exactly once"):
+        assign_folds(4, 2, groups=[[0, 1], [1, 2, 3]])
     with pytest.raises(ValueError, match="at least 2 folds"):
         assign_folds(10, 1)
     with pytest.raises(ValueError, match="cannot be dealt"):
         assign_folds(1, 2)
+
+
+def test_caption_neighbours_share_a_fold(split):
+    from dcd.data.neighbour_batches import caption_neighbours
+    from dcd.out_of_fold import neighbour_groups
+
+    groups = neighbour_groups(split)
+    assert sorted(i for g in groups for i in g) == list(range(split.num_images)) and len(groups) > 2
+    fold = assign_folds(split.num_images, 2, groups=groups)
+    nearest = caption_neighbours(split, 1)[:, 0]
+    assert torch.equal(fold, fold[nearest])  # every image is in its nearest neighbour's fold
 
 
 def test_each_pair_is_scored_by_the_teacher_of_its_querys_fold(split):
@@ -87,28 +103,46 @@ def test_the_score_cache_scores_each_image_with_its_folds_teacher(split, tmp_pat
     assert cache.header["teacher"] != alone[0].header["teacher"]  # the ensemble (and its folds) is the teacher
 
 
-def test_the_distiller_marks_each_directions_queries(split, monkeypatch):
+@pytest.mark.parametrize("corpus", [False, True])
+def test_the_distiller_scores_each_list_with_its_querys_fold(split, monkeypatch, corpus):
     first, second = _members()
-    teacher = FoldEnsemble([first, second], assign_folds(split.num_images, 2))
+    fold = assign_folds(split.num_images, 2)
+    teacher = FoldEnsemble([first, second], fold)
+    corpus_args = {"captions": split.captions, "caption_image": split.caption_image_tensor()} if corpus else {}
     distiller = dcd.wrap(teacher, students.dual_test(pretrained=False), num_negatives=4, num_hard=2,
-                         directions=("i2t", "t2i"))
-    batch = distiller.collate()([TrainPairs(split, distiller.transforms())[i * 5] for i in range(6)])
+                         directions=("i2t", "t2i"), **corpus_args)
+    images = [3, 8, 1, 12, 6, 15]  # one caption of each: a batch whose rows are not in image order
+    batch = distiller.collate()([TrainPairs(split, distiller.transforms())[i * 5] for i in images])
     seen = []
     scored = FoldEnsemble.score_feature_pairs
 
     def spy(self, image_features, text_features):
-        seen.append((FOLD in image_features, FOLD in text_features))
+        seen.append({side: features[FOLD].tolist() for side, features in (("image", image_features),
+                                                                           ("text", text_features)) if FOLD in features})
         return scored(self, image_features, text_features)
 
     monkeypatch.setattr(FoldEnsemble, "score_feature_pairs", spy)
     out = distiller(batch)
-    assert torch.isfinite(out["loss"])
-    assert set(seen) == {(True, False), (False, True)}  # i2t lists by the image, t2i lists by the caption's image
+    assert torch.isfinite(out["loss"]) and len(seen) >= 2
+    assert all(len(marks) == 1 for marks in seen)  # one side marked per list: never a mix of both
+    batch_folds = set(fold[images].tolist())
+    i2t = [m["image"] for m in seen if "image" in m]
+    t2i = [m["text"] for m in seen if "text" in m]
+    assert i2t and t2i  # image->text lists by the image's fold, text->image lists by the caption's image's
+    for marks in i2t + t2i:  # every mark is the fold of a batch image (the pair chunks select rows of the batch)
+        assert set(marks) <= batch_folds
+    # the text->image lists: each caption (batch row b) keeps the fold of its own image, in every pair it heads
+    scored_t2i = t2i[0]  # the teacher's pass over every candidate: [caption b, candidate j], row by row
+    per_caption = len(scored_t2i) // len(images)
+    assert per_caption >= 2 and scored_t2i == [int(fold[images[b]]) for b in range(len(images))
+                                               for _ in range(per_caption)]
 
 
 def test_one_fold_keeps_the_teacher_identity_and_folds_need_a_teacher_dcd_trains(split):
     base = resolve(DistillSettings(), split)
-    assert "folds" not in base.identity("teacher")
+    # the fields of a one-teacher identity, as every stored stage has them: a new field would orphan them all
+    assert set(base.identity("teacher")) == {"family", "checkpoint", "config", "data", "device_type", "precision",
+                                             "training"}
     assert resolve(DistillSettings(teacher_folds=1), split).identity("student") == base.identity("student")
     folded = resolve(DistillSettings(teacher_folds=2), split)
     assert folded.identity("teacher")["folds"] == 2
@@ -169,15 +203,20 @@ def test_a_fold_another_process_is_training_is_left_until_last(split, monkeypatc
     import logging
 
     from dcd import stages
-    from dcd.out_of_fold import out_of_fold_teacher
+    from dcd.out_of_fold import fold_members, out_of_fold_teacher
     from dcd.teacher_training import teacher_dir
 
     unit_teacher_recipe(max_steps=1)
     recipe = resolve(DistillSettings(teacher_folds=2, progress=False), split)
-    held = teacher_dir("meter", split, identity={**recipe.identity("teacher"), "fold": 0})
+    _, _, identities = fold_members(recipe, split)
+    held = teacher_dir("meter", split, identity=identities[0])
     monkeypatch.setattr(stages, "stage_busy", lambda directory: Path(directory) == held and not (held / "model").exists())
     with caplog.at_level(logging.INFO, logger="dcd.out_of_fold"):
         ensemble, info = out_of_fold_teacher(recipe, split, progress=False)
     order = [r.getMessage().split(":")[0] for r in caplog.records if r.getMessage().startswith("teacher fold")]
     assert order == ["teacher fold 2 of 2", "teacher fold 1 of 2"]  # the free fold first, the held one after
     assert ensemble.folds == 2 and info["fold_sizes"] == [8, 8] and (held / "model").is_dir()
+    # each fold teacher is keyed by the images it trained on: those outside its fold
+    stored = json.loads((held / "stage.json").read_text())["identity"]
+    outside = [i for i, f in enumerate(ensemble.fold_of_image.tolist()) if f != 0]
+    assert stored["fold"] == 0 and stored["images"] == images_sha256(split.select_images(outside))
