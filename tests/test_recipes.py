@@ -77,7 +77,8 @@ def test_a_teacher_override_trains_its_own_teacher_and_keeps_the_default(fixture
     assert teacher_training.teacher_dir("meter", train) != teacher_training.teacher_dir("meter", train, {"num_fusion_layers": 2})
     assert (teacher_training.teacher_dir("meter", train) / "model").is_dir()  # the default was not cleared
     longer, info = teacher_training.embedded_teacher("meter", train, progress=False, overrides={"max_steps": 3})
-    assert info["steps"] == 3 and longer.config.num_fusion_layers == default.config.num_fusion_layers
+    assert info["max_steps"] == 3 and longer.config.num_fusion_layers == default.config.num_fusion_layers
+    assert info["steps"] == 2  # what it trained: one epoch of the fixture's captions at batch 32, under the cap
 
 
 def test_dcd_teacher_trains_an_overridden_teacher_and_caches_its_scores(fixture_json, tmp_path, monkeypatch, capsys,
