@@ -324,7 +324,7 @@ def _run(args: argparse.Namespace) -> int:
                              f"--data {args.data}: bring its fine-tuned checkpoint (--teacher-checkpoint) to distill")
         test = splits["eval"]
         if args.teacher_folds > 1:
-            from .out_of_fold import out_of_fold_teacher
+            from .teacher_training import out_of_fold_teacher
 
             model, info = out_of_fold_teacher(recipe, splits["train"])
         else:

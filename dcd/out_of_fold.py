@@ -11,26 +11,25 @@ negatives either. Outside the training split (val, test: no fold) the K teachers
 row of a report is then the K of them (K times the parameters and the scoring time).
 
 ``dcd distill --teacher-folds K`` / ``dcd ablations --teacher-folds K`` train the K teachers with the embedded
-recipe (each a stage folder of its own, keyed by the fold), and :class:`FoldEnsemble` is the teacher the run sees.
+recipe (:func:`dcd.teacher_training.out_of_fold_teacher`: each a stage folder of its own, keyed by the images it
+trains on), and :class:`FoldEnsemble` is the teacher the run sees.
 The two places that score training lists, the score cache and :class:`dcd.distiller.Distiller`, mark each list's
 query with :func:`query_folds`; for any other teacher that is a no-op.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from teachers.base import Features, Inputs, Scorer, Teacher, Towers, select
-from teachers.files import write_text
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FoldEnsemble", "assign_folds", "neighbour_groups", "query_folds", "out_of_fold_teacher"]
+__all__ = ["FoldEnsemble", "assign_folds", "neighbour_groups", "images_sha256", "query_folds"]
 
 #: the feature key that names, per item, the fold whose teacher scores the pairs that item is the query of
 FOLD = "fold"
@@ -206,54 +205,3 @@ def query_folds(teacher: Optional[nn.Module], features: Optional[Features], imag
                          f"{len(ensemble.fold_of_image)} images (another training split?)")
     device = next(iter(features.values())).device
     return {**features, FOLD: ensemble.fold_of_image[index].to(device)}
-
-
-# ---------------------------------------------------------------------------------------------- training the folds
-def fold_members(recipe, train) -> Tuple[Tensor, List[Any], List[Dict[str, Any]]]:
-    """``(fold_of_image, training split of each fold teacher, identity of each)``: each fold teacher is keyed by the
-    images it trains on, so another split (or another dealing) is another teacher, never a reused one."""
-    folds = int(recipe.teacher["folds"])
-    fold_of_image = assign_folds(train.num_images, folds, seed=0, groups=neighbour_groups(train))
-    subsets = [train.select_images((fold_of_image != f).nonzero(as_tuple=True)[0].tolist(),
-                                   f"{train.name}-without-fold{f}of{folds}") for f in range(folds)]
-    identity = recipe.identity("teacher")
-    return fold_of_image, subsets, [{**identity, "fold": f, "images": images_sha256(subsets[f])} for f in range(folds)]
-
-
-def out_of_fold_teacher(recipe, train, progress: bool = True) -> Tuple[FoldEnsemble, Dict[str, Any]]:
-    """The K teachers of ``recipe.teacher["folds"]``, each trained (once, then reused) by the embedded recipe on
-    every training image but its fold's, as one :class:`FoldEnsemble`; and its info (``path``: the ensemble's
-    ``folds.json``, beside which its exhaustive scores are cached)."""
-    from .data import dcd_home
-    from .stages import claim_stage, stage_busy, stage_dir
-    from .teacher_training import embedded_teacher, teacher_dir
-    from .trainer import from_main_process, is_main_process
-
-    folds = int(recipe.teacher["folds"])
-    family, identity = recipe.teacher["family"], recipe.identity("teacher")
-    fold_of_image, subsets, member_identity = fold_members(recipe, train)
-    trained: Dict[int, Tuple[Scorer, Dict[str, Any]]] = {}
-    while len(trained) < folds:  # a fold another process is training waits until last: two sweeps share the work
-        pending = [f for f in range(folds) if f not in trained]
-        free = next((f for f in pending if not stage_busy(teacher_dir(family, subsets[f], identity=member_identity[f]))),
-                    pending[0])
-        f = from_main_process(free)  # under torchrun every rank trains (or loads) the fold rank 0 chose
-        log.info("teacher fold %d of %d: trains on %d of %d training images, scores the other %d", f + 1, folds,
-                 subsets[f].num_images, train.num_images, train.num_images - subsets[f].num_images)
-        trained[f] = embedded_teacher(family, subsets[f], device=recipe.device, progress=progress,
-                                      overrides=recipe.teacher["config"], precision=recipe.precision["cross"],
-                                      identity=member_identity[f], start=recipe.teacher.get("checkpoint"),
-                                      reuse_legacy=False)
-    members = [trained[f][0] for f in range(folds)]
-    infos = [trained[f][1] for f in range(folds)]
-    ensemble = FoldEnsemble(members, fold_of_image)
-    directory = stage_dir(dcd_home() / "teachers", f"{family}-folds{folds}", identity)
-    summary = {"family": family, "folds": folds, "precision": infos[0].get("precision"),
-               "train_seconds": round(sum(float(i.get("train_seconds") or 0) for i in infos), 1),
-               "members": [i["path"] for i in infos],
-               "fold_sizes": torch.bincount(fold_of_image, minlength=folds).tolist()}
-    if is_main_process():
-        claim_stage(directory, identity, "teacher-folds")
-        write_text(directory / "folds.json", json.dumps({**summary, "identity": identity}, indent=1, default=str))
-    return ensemble, {**summary, "path": str(directory / "folds.json")}
-

@@ -33,7 +33,7 @@ from .distiller import Distiller
 from .recipes import NAMED_DATA, ROLES, DistillSettings, Recipe, resolve
 from .report import plot_training_curves, read_metrics, results_table
 from .score_matrices import cached_score_matrix, plateau_k, rerank_curve
-from .teacher_training import embedded_teacher
+from .teacher_training import embedded_teacher, out_of_fold_teacher
 from .stages import claim_stage, stage_dir, stage_lock, weights_sha256, write_latest
 from .trainer import TrainConfig, from_main_process, is_main_process, seconds_trained, world_size
 
@@ -63,7 +63,7 @@ def load_data(settings: DistillSettings) -> Dict[str, CaptionSplit]:
 
 def load_teacher(recipe: Recipe, splits: Dict[str, CaptionSplit]) -> Tuple[Scorer, Dict[str, Any]]:
     """The official / user checkpoint, or the embedded default's teacher (trained once, then reused); with
-    ``--teacher-folds K``, K such teachers as one (:mod:`dcd.out_of_fold`)."""
+    ``--teacher-folds K``, K such teachers as one (:func:`~dcd.teacher_training.out_of_fold_teacher`)."""
     family, checkpoint = recipe.teacher["family"], recipe.teacher["checkpoint"]
     if checkpoint:
         model = teachers.create_model(family, checkpoint=checkpoint, **recipe.teacher["config"])
@@ -73,8 +73,6 @@ def load_teacher(recipe: Recipe, splits: Dict[str, CaptionSplit]) -> Tuple[Score
                          "retrieval checkpoint); a teacher dcd trains itself is for the embedded set and for your "
                          "own data file (--data my.json)")
     if recipe.teacher.get("folds", 1) > 1:
-        from .out_of_fold import out_of_fold_teacher
-
         return out_of_fold_teacher(recipe, splits["train"], progress=recipe.output["progress"])
     return embedded_teacher(family, splits["train"], device=recipe.device, progress=recipe.output["progress"],
                             overrides=recipe.teacher["config"], precision=recipe.precision["cross"],

@@ -33,6 +33,8 @@ from tqdm.auto import tqdm
 
 from teachers.base import concat, to_device
 
+from .out_of_fold import query_folds
+
 __all__ = ["StaleCacheError", "TeacherScoreCache", "cache_header", "scoring_precision"]
 
 FORMAT_VERSION = 2
@@ -113,7 +115,6 @@ class TeacherScoreCache:
         """
         from dcd.candidates import neighbour_captions, random_captions
         from dcd.data import EvalImages
-        from dcd.out_of_fold import query_folds
 
         directory = Path(directory)
         header = cache_header(teacher, split, pool_size, seed, near)

@@ -31,7 +31,7 @@ import contextlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,7 @@ from . import retrieval
 from .data import CaptionSplit, TrainPairs, collate_train, dcd_home
 from .data.neighbour_batches import NeighbourGrouping
 from .losses import contrastive_loss, self_loss
+from .out_of_fold import FoldEnsemble, assign_folds, images_sha256, neighbour_groups
 from .recipes import EMBEDDED_DATA, EMBEDDED_TEACHERS, embedded_recipe
 from .stages import claim_stage, stage_dir, stage_lock
 from .trainer import TrainConfig, Trainer, from_main_process, is_main_process, seconds_trained
@@ -233,3 +234,51 @@ def embedded_teacher(family: str, train: CaptionSplit, device: str = "cpu", prog
             model.save_pretrained(weights)
             write_text(info_path, json.dumps(info, indent=1))
     return model.to(device), info
+
+
+# ---------------------------------------------------------------------------------------------- out-of-fold teachers
+def fold_members(recipe, train) -> Tuple[Tensor, List[Any], List[Dict[str, Any]]]:
+    """``(fold_of_image, training split of each fold teacher, identity of each)``: each fold teacher is keyed by the
+    images it trains on, so another split (or another dealing) is another teacher, never a reused one."""
+    folds = int(recipe.teacher["folds"])
+    fold_of_image = assign_folds(train.num_images, folds, seed=0, groups=neighbour_groups(train))
+    subsets = [train.select_images((fold_of_image != f).nonzero(as_tuple=True)[0].tolist(),
+                                   f"{train.name}-without-fold{f}of{folds}") for f in range(folds)]
+    identity = recipe.identity("teacher")
+    return fold_of_image, subsets, [{**identity, "fold": f, "images": images_sha256(subsets[f])} for f in range(folds)]
+
+
+def out_of_fold_teacher(recipe, train, progress: bool = True) -> Tuple[FoldEnsemble, Dict[str, Any]]:
+    """The K teachers of ``recipe.teacher["folds"]``, each trained (once, then reused) by the embedded recipe on
+    every training image but its fold's, as one :class:`FoldEnsemble`; and its info (``path``: the ensemble's
+    ``folds.json``, beside which its exhaustive scores are cached)."""
+    from .stages import stage_busy
+
+    folds = int(recipe.teacher["folds"])
+    family, identity = recipe.teacher["family"], recipe.identity("teacher")
+    fold_of_image, subsets, member_identity = fold_members(recipe, train)
+    trained: Dict[int, Tuple[Scorer, Dict[str, Any]]] = {}
+    while len(trained) < folds:  # a fold another process is training waits until last: two sweeps share the work
+        pending = [f for f in range(folds) if f not in trained]
+        free = next((f for f in pending if not stage_busy(teacher_dir(family, subsets[f], identity=member_identity[f]))),
+                    pending[0])
+        f = from_main_process(free)  # under torchrun every rank trains (or loads) the fold rank 0 chose
+        log.info("teacher fold %d of %d: trains on %d of %d training images, scores the other %d", f + 1, folds,
+                 subsets[f].num_images, train.num_images, train.num_images - subsets[f].num_images)
+        trained[f] = embedded_teacher(family, subsets[f], device=recipe.device, progress=progress,
+                                      overrides=recipe.teacher["config"], precision=recipe.precision["cross"],
+                                      identity=member_identity[f], start=recipe.teacher.get("checkpoint"),
+                                      reuse_legacy=False)
+    members = [trained[f][0] for f in range(folds)]
+    infos = [trained[f][1] for f in range(folds)]
+    ensemble = FoldEnsemble(members, fold_of_image)
+    directory = stage_dir(dcd_home() / "teachers", f"{family}-folds{folds}", identity)
+    summary = {"family": family, "folds": folds, "precision": infos[0].get("precision"),
+               "train_seconds": round(sum(float(i.get("train_seconds") or 0) for i in infos), 1),
+               "members": [i["path"] for i in infos],
+               "fold_sizes": torch.bincount(fold_of_image, minlength=folds).tolist()}
+    if is_main_process():
+        claim_stage(directory, identity, "teacher-folds")
+        write_text(directory / "folds.json", json.dumps({**summary, "identity": identity}, indent=1, default=str))
+    return ensemble, {**summary, "path": str(directory / "folds.json")}
+

@@ -203,15 +203,14 @@ def test_a_fold_another_process_is_training_is_left_until_last(split, monkeypatc
     import logging
 
     from dcd import stages
-    from dcd.out_of_fold import fold_members, out_of_fold_teacher
-    from dcd.teacher_training import teacher_dir
+    from dcd.teacher_training import fold_members, out_of_fold_teacher, teacher_dir
 
     unit_teacher_recipe(max_steps=1)
     recipe = resolve(DistillSettings(teacher_folds=2, progress=False), split)
     _, _, identities = fold_members(recipe, split)
     held = teacher_dir("meter", split, identity=identities[0])
     monkeypatch.setattr(stages, "stage_busy", lambda directory: Path(directory) == held and not (held / "model").exists())
-    with caplog.at_level(logging.INFO, logger="dcd.out_of_fold"):
+    with caplog.at_level(logging.INFO, logger="dcd.teacher_training"):
         ensemble, info = out_of_fold_teacher(recipe, split, progress=False)
     order = [r.getMessage().split(":")[0] for r in caplog.records if r.getMessage().startswith("teacher fold")]
     assert order == ["teacher fold 2 of 2", "teacher fold 1 of 2"]  # the free fold first, the held one after
