@@ -20,7 +20,7 @@ import json
 import logging
 import statistics
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -143,7 +143,7 @@ def run_ablations(settings: DistillSettings, seeds: Sequence[int] = (0, 1, 2),
                               eval_seconds=teacher_eval["elapsed_s"]))
     if is_main_process():
         results_json = Path(results_json or root / "compression.json")
-        write_results(records, results_json)
+        write_results(records, results_json, sweep_command(settings, root))
         plot_val_curves(root, records, results_json.with_name(results_json.stem + "_curves.png"))
     return records
 
@@ -385,8 +385,33 @@ def plot(records: List[Dict[str, Any]], path: Path) -> Optional[Path]:
     return path
 
 
-def write_results(records: List[Dict[str, Any]], path: Path) -> None:
-    """``compression.json`` (records of every teacher in the file, this teacher's replaced), .md and .png."""
+#: settings a sweep command never names: where output goes and how it is shown; the seed is each row's own
+_NOT_FLAGS = ("out", "progress", "seed", "extra", "finetune_teacher", "num_workers")
+
+
+def sweep_command(settings: DistillSettings, root: Path) -> str:
+    """The ``dcd ablations`` command line that trains one row of this sweep (``--seeds S --methods M`` to fill in):
+    the settings that differ from the defaults, as flags."""
+    default = asdict(DistillSettings())
+    flags = []
+    for name, value in asdict(settings).items():
+        if name in _NOT_FLAGS or value == default[name]:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if name == "teacher_config":
+            flags += [f"--teacher-config {key}={item}" for key, item in sorted(value.items())]
+        elif isinstance(value, bool):
+            flags.append(flag if value else f"--no-{name.replace('_', '-')}")
+        elif isinstance(value, (tuple, list)):
+            flags.append(f"{flag} {','.join(value)}")
+        else:
+            flags.append(f"{flag} {value}")
+    return " ".join(["dcd ablations", *flags, f"--out {root}"])
+
+
+def write_results(records: List[Dict[str, Any]], path: Path, command: Optional[str] = None) -> None:
+    """``compression.json`` (records of every teacher in the file, this teacher's replaced), .md and .png; ``command``:
+    the sweep's command line, said under the table."""
     path = Path(path)
     teacher_names = {r["teacher"] for r in records}
     kept = []
@@ -396,5 +421,10 @@ def write_results(records: List[Dict[str, Any]], path: Path) -> None:
     text = json.dumps({"generated": time.strftime("%Y-%m-%d %H:%M"), "records": everything}, indent=1)
     write_text(path, text)
     table = markdown_table(everything)
+    if command:
+        table += (f"\n\nOne row, one seed: `{command} --seeds S --methods M`. The same with `--report-only` and every "
+                  f"seed and method gathers them into `{path.name}`; a record is gathered only when the identity "
+                  "the current code gives its row (recipe, data, teacher and start weights) is the one stored with it, "
+                  "so every row here is one this code trains again.")
     write_text(path.with_suffix(".md"), table + "\n")
     plot(everything, path.with_suffix(".png"))

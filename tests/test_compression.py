@@ -308,6 +308,7 @@ def test_a_second_process_waits_for_the_exhaustive_pass_and_reads_it(splits, tmp
     thread.join()
     assert released.is_set() and torch.equal(again, scores) and info2 == info
 
+
 def test_rerank_curve_matches_each_depth_and_k_is_chosen_on_val(splits):
     from dcd import retrieval
 
@@ -334,6 +335,22 @@ def test_rerank_curve_matches_each_depth_and_k_is_chosen_on_val(splits):
     assert k in (1, 2) and set(val_curve) == {1, 2}
 
 
+
+def test_the_report_names_the_command_that_trains_a_row(tmp_path):
+    import shlex
+
+    from dcd import cli
+
+    settings = DistillSettings(teacher="meter", epochs=8, teacher_folds=2, dynamic=False,
+                               teacher_config={"max_steps": 3200, "epochs": 16}, directions=("i2t",), progress=False)
+    command = ablations.sweep_command(settings, Path("runs/x"))
+    assert command == ("dcd ablations --teacher-config epochs=16 --teacher-config max_steps=3200 --teacher-folds 2 "
+                       "--epochs 8 --directions i2t --no-dynamic --out runs/x")
+    args = cli.build_parser().parse_args(shlex.split(command)[1:] + ["--seeds", "0", "--methods", "dcd"])
+    assert (args.epochs, args.teacher_folds, args.dynamic, args.directions) == (8, 2, False, "i2t")
+    assert ablations.sweep_command(DistillSettings(), Path("runs/y")) == "dcd ablations --out runs/y"
+
+
 # ------------------------------------------------------------------------------------------ ablation runner
 def test_ablation_runner_records_every_row_and_resumes(data_json, tmp_path):
     teacher_dir = tmp_path / "teacher"
@@ -358,6 +375,8 @@ def test_ablation_runner_records_every_row_and_resumes(data_json, tmp_path):
         assert r["student"] == "dual" and r["params"] < teacher_rows[0]["params"]
     table = results.with_suffix(".md").read_text()
     assert "± " in table and "vanilla_kd" in table
+    assert f"`dcd ablations --data {data_json} --teacher-checkpoint {teacher_dir} " in table
+    assert f"--out {out} --seeds S --methods M`" in table  # the command that trains one row of the table
     assert "test scoring (s)" in table and all(r.get("eval_seconds") is not None for r in stored)
     assert results.with_suffix(".png").is_file()
     # a second run trains nothing: every record is reused
