@@ -94,7 +94,51 @@ def _parts() -> str:
     return "\n".join(lines)
 
 
+#: the teachers the out-of-fold experiment compares: results file -> what its teacher is
+TEACHER_VARIANTS = (("compression", "one teacher, 800 steps on every training image (the default)"),
+                    ("compression-folds2", "2 out-of-fold teachers, 4 epochs of half the images each"),
+                    ("compression-folds2-max_steps3200-epochs16", "2 out-of-fold teachers, 16 epochs of half the images each"))
+
+
+def _out_of_fold() -> str:
+    """The DCD dual student from each teacher variant: the teacher's test RSUM, the student's val and test RSUM, and
+    the student minus the one-teacher DCD student and minus the no-teacher baseline of the same seed."""
+    from .stats import mean_interval
+
+    def by_seed(records, method):
+        return {r["seed"]: r for r in records if r["method"] == method and r["student"] == "dual"}
+
+    reference = _records("compression")
+    one_teacher, control = by_seed(reference, "dcd_denoised_t2i"), by_seed(reference, "baseline_t2i")
+
+    def paired(rows, against, metric="test_rsum"):
+        gaps = [rows[s][metric] - against[s][metric] for s in sorted(rows) if s in against]
+        interval = mean_interval(gaps)
+        spread = f" [{interval[0]:+.1f}, {interval[1]:+.1f}]" if interval else ""
+        return f"{sum(gaps) / len(gaps):+.1f}{spread} ({len(gaps)})" if gaps else ""
+
+    def mean(rows, key):
+        values = [r[key] for r in rows.values() if key in r]
+        return f"{sum(values) / len(values):.1f}" if values else ""
+
+    lines = ["| teacher | teacher test RSUM | DCD student: seeds | val RSUM | val minus one-teacher DCD | test RSUM | "
+             "test minus one-teacher DCD, 95 % CI (pairs) | test minus no teacher, 95 % CI (pairs) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, label in TEACHER_VARIANTS:
+        if not (RESULTS / f"{name}.json").is_file():
+            continue
+        records = _records(name)
+        teacher = next(r for r in records if r["method"] == "teacher")
+        rows = by_seed(records, "dcd_denoised_t2i")
+        versus = name != "compression"  # the one-teacher row is the reference itself
+        lines.append(f"| {label} | {teacher['test_rsum']:.1f} | {len(rows)} | {mean(rows, 'val_rsum')} | "
+                     f"{paired(rows, one_teacher, 'val_rsum') if versus else '-'} | {mean(rows, 'test_rsum')} | "
+                     f"{paired(rows, one_teacher) if versus else '-'} | {paired(rows, control)} |")
+    return "\n".join(lines)
+
+
 GENERATORS: Dict[str, Callable[[], str]] = {
+    "out-of-fold": _out_of_fold,
     "headline": _headline,
     "parts": _parts,
     "distill-meter": _distill,

@@ -219,3 +219,31 @@ def test_a_fold_another_process_is_training_is_left_until_last(split, monkeypatc
     stored = json.loads((held / "stage.json").read_text())["identity"]
     outside = [i for i, f in enumerate(ensemble.fold_of_image.tolist()) if f != 0]
     assert stored["fold"] == 0 and stored["images"] == images_sha256(split.select_images(outside))
+
+
+def test_the_target_sharpness_benchmark(tiny_data_json, tmp_path, capsys, monkeypatch):
+    import importlib.util
+    import sys
+
+    from dcd.score_matrices import cached_score_matrix
+
+    spec = importlib.util.spec_from_file_location("teacher_targets", Path(__file__).parents[1] / "benchmarks" /
+                                                  "teacher_targets.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    flat = bench.list_statistics(np.zeros((3, 4)))
+    assert flat == pytest.approx({"p_positive": 0.25, "entropy": float(np.log(4)), "positive_first": 1.0})
+    sharp = bench.list_statistics(np.array([[10.0, 0.0], [0.0, 10.0]]))
+    assert sharp["positive_first"] == 0.5 and sharp["entropy"] < 0.01
+    teacher = as_teacher(meter_preset("roberta32x1-vit32x2"))
+    train = load_karpathy(tiny_data_json, split="train")
+    cache = TeacherScoreCache.build(teacher, train, tmp_path / "cache", pool_size=6, near=2, progress=False)
+    cached_score_matrix(teacher, load_karpathy(tiny_data_json, split="test"), tmp_path / "scores", progress=False)
+    lists, header = bench.training_lists(tmp_path / "cache")
+    assert lists.shape == (train.num_captions, 7) and np.allclose(lists[:, 0], cache.positive)
+    [matrix] = (tmp_path / "scores").glob("*.npy")
+    monkeypatch.setattr(sys, "argv", ["teacher_targets.py", "--pair", str(tmp_path / "cache"), str(matrix)])
+    bench.main()
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split()[1] for line in printed[1:]] == ["train", "test"]
+    assert float(printed[1].split()[2]) == pytest.approx(bench.list_statistics(lists)["p_positive"], abs=1e-3)
