@@ -147,7 +147,8 @@ def test_a_checkpoint_is_fine_tuned_further_on_own_data(own_data, tmp_path, caps
     cli.main(["teacher", "--data", str(path), "--data-root", str(root), "--teacher-checkpoint", str(start)])
     printed = capsys.readouterr().out
     info = json.loads(printed[printed.index("{"):printed.rindex("}") + 1])
-    assert info["start"] == str(start) and info["steps"] == 2
+    assert info["start"] == str(start) and info["max_steps"] == 2
+    assert info["steps"] == 1  # what it trained: one epoch of the few training captions at batch 32, under the cap
     tuned = teachers.create_model("meter", checkpoint=info["path"])
     before = teachers.create_model("meter", checkpoint=start)
     assert tuned.config == before.config  # the checkpoint's own architecture, its weights moved on
