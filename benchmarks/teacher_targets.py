@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Dict
 
 import numpy as np
-import torch
 
-from dcd.candidates import neighbour_captions, random_captions
 from dcd.data import load_split
+from dcd.score_cache import candidate_pools
 
 
 def list_statistics(logits: np.ndarray) -> Dict[str, float]:
@@ -47,13 +46,7 @@ def test_lists(matrix_path: Path, header: Dict) -> np.ndarray:
     """The same lists on the test split, read from the exhaustive matrix: pools built as the cache built its own."""
     split = load_split(header["source"], None, split="test")
     matrix = np.load(matrix_path)
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(header["seed"])
-    everyone = torch.arange(split.num_images)
-    pool = random_captions(everyone, split.caption_image_tensor(), header["pool_size"] - header["near"])
-    if header["near"]:
-        pool = torch.cat([neighbour_captions(split, everyone, header["near"]), pool], dim=1)
-    torch.random.set_rng_state(generator_state)
+    pool = candidate_pools(split, header["pool_size"], header["seed"], header["near"])
     image = np.asarray(split.caption_image)
     positive = matrix[image, np.arange(len(image))]
     negatives = np.take_along_axis(matrix[image], pool.numpy()[image], axis=1)

@@ -308,10 +308,9 @@ def _run(args: argparse.Namespace) -> int:
 
         from teachers import as_teacher
 
-        from .pipeline import load_data
+        from .pipeline import load_data, load_teacher
         from .recipes import DistillSettings, parse_overrides, resolve
         from .score_matrices import cached_score_matrix
-        from .teacher_training import embedded_teacher
 
         settings = DistillSettings(teacher=args.teacher, data=args.data, data_root=args.data_root, device=args.device,
                                    teacher_config=parse_overrides(args.teacher_config), out=args.out,
@@ -323,14 +322,7 @@ def _run(args: argparse.Namespace) -> int:
             raise SystemExit(f"dcd: error: dcd teacher trains on the embedded set or on your own data file, not on "
                              f"--data {args.data}: bring its fine-tuned checkpoint (--teacher-checkpoint) to distill")
         test = splits["eval"]
-        if args.teacher_folds > 1:
-            from .teacher_training import out_of_fold_teacher
-
-            model, info = out_of_fold_teacher(recipe, splits["train"])
-        else:
-            model, info = embedded_teacher(args.teacher, splits["train"], device=args.device,
-                                           overrides=settings.teacher_config, precision=recipe.precision["cross"],
-                                           identity=recipe.identity("teacher"), start=args.teacher_checkpoint)
+        model, info = load_teacher(recipe, splits)
         # the exhaustive val and test scores, cached beside the teacher: students and ablations reuse them
         for split in (splits["val"], test):
             _, scored = cached_score_matrix(as_teacher(model), split, Path(info["path"]).parent / "scores", args.device)

@@ -103,23 +103,16 @@ TEACHER_VARIANTS = (("compression", "one teacher, 800 steps on every training im
 def _out_of_fold() -> str:
     """The DCD dual student from each teacher variant: the teacher's test RSUM, the student's val and test RSUM, and
     the student minus the one-teacher DCD student and minus the no-teacher baseline of the same seed."""
-    from .stats import mean_interval
+    from .ablations import paired_differences, summarise
 
-    def by_seed(records, method):
-        return {r["seed"]: r for r in records if r["method"] == method and r["student"] == "dual"}
+    reference = [r for r in _records("compression") if r["method"] in ("dcd_denoised_t2i", "baseline_t2i")]
 
-    reference = _records("compression")
-    one_teacher, control = by_seed(reference, "dcd_denoised_t2i"), by_seed(reference, "baseline_t2i")
-
-    def paired(rows, against, metric="test_rsum"):
-        gaps = [rows[s][metric] - against[s][metric] for s in sorted(rows) if s in against]
-        interval = mean_interval(gaps)
-        spread = f" [{interval[0]:+.1f}, {interval[1]:+.1f}]" if interval else ""
-        return f"{sum(gaps) / len(gaps):+.1f}{spread} ({len(gaps)})" if gaps else ""
-
-    def mean(rows, key):
-        values = [r[key] for r in rows.values() if key in r]
-        return f"{sum(values) / len(values):.1f}" if values else ""
+    def paired(records, against, metric):
+        (pair,) = paired_differences(records, metric, against={"variant": against}) or [None]
+        if pair is None:
+            return ""
+        spread = f" [{pair['ci95'][0]:+.1f}, {pair['ci95'][1]:+.1f}]" if pair["ci95"] else ""
+        return f"{pair['mean']:+.1f}{spread} ({pair['pairs']})"
 
     lines = ["| teacher | teacher test RSUM | DCD student: seeds | val RSUM | val minus one-teacher DCD | test RSUM | "
              "test minus one-teacher DCD, 95 % CI (pairs) | test minus no teacher, 95 % CI (pairs) |",
@@ -129,11 +122,15 @@ def _out_of_fold() -> str:
             continue
         records = _records(name)
         teacher = next(r for r in records if r["method"] == "teacher")
-        rows = by_seed(records, "dcd_denoised_t2i")
+        # this variant's DCD students as a method of their own, beside the one-teacher sweep's rows of the same seeds
+        variant = [{**r, "method": "variant"} for r in records if r["method"] == "dcd_denoised_t2i"]
+        together = reference + variant
+        (row,) = summarise(variant)
         versus = name != "compression"  # the one-teacher row is the reference itself
-        lines.append(f"| {label} | {teacher['test_rsum']:.1f} | {len(rows)} | {mean(rows, 'val_rsum')} | "
-                     f"{paired(rows, one_teacher, 'val_rsum') if versus else '-'} | {mean(rows, 'test_rsum')} | "
-                     f"{paired(rows, one_teacher) if versus else '-'} | {paired(rows, control)} |")
+        lines.append(f"| {label} | {teacher['test_rsum']:.1f} | {row['seeds']} | {row['val_rsum']:.1f} | "
+                     f"{paired(together, 'dcd_denoised_t2i', 'val_rsum') if versus else '-'} | "
+                     f"{row['test_rsum']:.1f} | {paired(together, 'dcd_denoised_t2i', 'test_rsum') if versus else '-'} | "
+                     f"{paired(together, 'baseline_t2i', 'test_rsum')} |")
     return "\n".join(lines)
 
 

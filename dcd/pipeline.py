@@ -62,10 +62,11 @@ def load_data(settings: DistillSettings) -> Dict[str, CaptionSplit]:
 
 
 def load_teacher(recipe: Recipe, splits: Dict[str, CaptionSplit]) -> Tuple[Scorer, Dict[str, Any]]:
-    """The official / user checkpoint, or the embedded default's teacher (trained once, then reused); with
-    ``--teacher-folds K``, K such teachers as one (:func:`~dcd.teacher_training.out_of_fold_teacher`)."""
+    """The official / user checkpoint, or the teacher dcd trains by the embedded recipe (once, then reused; from the
+    checkpoint when the recipe fine-tunes it, ``dcd teacher --teacher-checkpoint``); with ``--teacher-folds K``, K
+    such teachers as one (:func:`~dcd.teacher_training.out_of_fold_teacher`)."""
     family, checkpoint = recipe.teacher["family"], recipe.teacher["checkpoint"]
-    if checkpoint:
+    if checkpoint and recipe.teacher["training"] is None:  # the checkpoint is the teacher, as given
         model = teachers.create_model(family, checkpoint=checkpoint, **recipe.teacher["config"])
         return model, {"source": checkpoint}
     if recipe.teacher["training"] is None:
@@ -76,7 +77,7 @@ def load_teacher(recipe: Recipe, splits: Dict[str, CaptionSplit]) -> Tuple[Score
         return out_of_fold_teacher(recipe, splits["train"], progress=recipe.output["progress"])
     return embedded_teacher(family, splits["train"], device=recipe.device, progress=recipe.output["progress"],
                             overrides=recipe.teacher["config"], precision=recipe.precision["cross"],
-                            identity=recipe.identity("teacher"))
+                            identity=recipe.identity("teacher"), start=checkpoint)
 
 
 @dataclass

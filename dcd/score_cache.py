@@ -35,7 +35,7 @@ from teachers.base import concat, to_device
 
 from .out_of_fold import query_folds
 
-__all__ = ["StaleCacheError", "TeacherScoreCache", "cache_header", "scoring_precision"]
+__all__ = ["StaleCacheError", "TeacherScoreCache", "cache_header", "candidate_pools", "scoring_precision"]
 
 FORMAT_VERSION = 2
 
@@ -62,6 +62,21 @@ def cache_header(teacher: torch.nn.Module, split, pool_size: int, seed: int, nea
     if precision != "fp32":  # an fp32 cache keeps the header it had before precision was recorded
         header["precision"] = precision
     return header
+
+
+def candidate_pools(split, pool_size: int, seed: int = 0, near: int = 0) -> Tensor:
+    """``LongTensor [num_images, pool_size]``: each image's pool, ``near`` caption neighbours first, then random
+    captions of other images; the same for the same split, size and seed, whatever the caller's RNG stream."""
+    from dcd.candidates import neighbour_captions, random_captions
+
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    everyone = torch.arange(split.num_images)
+    pool = random_captions(everyone, split.caption_image_tensor(), pool_size - near)
+    if near:
+        pool = torch.cat([neighbour_captions(split, everyone, near), pool], dim=1)
+    torch.random.set_rng_state(generator_state)
+    return pool
 
 
 class TeacherScoreCache:
@@ -113,21 +128,13 @@ class TeacherScoreCache:
         ``text_memory_bytes``: how much caption text-feature memory to keep so that a caption met in several
         pools is encoded once (past it, captions are re-encoded per batch: same scores, more time).
         """
-        from dcd.candidates import neighbour_captions, random_captions
         from dcd.data import EvalImages
 
         directory = Path(directory)
         header = cache_header(teacher, split, pool_size, seed, near)
         if (directory / "header.json").is_file():  # another teacher's cache here is an error, never deleted
             return cls.open(directory, expect=header)
-        caption_image = split.caption_image_tensor()
-        generator_state = torch.random.get_rng_state()
-        torch.manual_seed(seed)  # the pools depend on the seed only, not on the caller's RNG stream
-        everyone = torch.arange(split.num_images)
-        pool = random_captions(everyone, caption_image, pool_size - near)
-        if near:
-            pool = torch.cat([neighbour_captions(split, everyone, near), pool], dim=1)
-        torch.random.set_rng_state(generator_state)
+        pool = candidate_pools(split, pool_size, seed, near)
 
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))

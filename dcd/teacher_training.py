@@ -254,9 +254,9 @@ def out_of_fold_teacher(recipe, train, progress: bool = True) -> Tuple[FoldEnsem
     ``folds.json``, beside which its exhaustive scores are cached)."""
     from .stages import stage_busy
 
-    folds = int(recipe.teacher["folds"])
     family, identity = recipe.teacher["family"], recipe.identity("teacher")
     fold_of_image, subsets, member_identity = fold_members(recipe, train)
+    folds = len(subsets)
     trained: Dict[int, Tuple[Scorer, Dict[str, Any]]] = {}
     while len(trained) < folds:  # a fold another process is training waits until last: two sweeps share the work
         pending = [f for f in range(folds) if f not in trained]
@@ -267,8 +267,7 @@ def out_of_fold_teacher(recipe, train, progress: bool = True) -> Tuple[FoldEnsem
                  subsets[f].num_images, train.num_images, train.num_images - subsets[f].num_images)
         trained[f] = embedded_teacher(family, subsets[f], device=recipe.device, progress=progress,
                                       overrides=recipe.teacher["config"], precision=recipe.precision["cross"],
-                                      identity=member_identity[f], start=recipe.teacher.get("checkpoint"),
-                                      reuse_legacy=False)
+                                      identity=member_identity[f], reuse_legacy=False)
     members = [trained[f][0] for f in range(folds)]
     infos = [trained[f][1] for f in range(folds)]
     ensemble = FoldEnsemble(members, fold_of_image)
