@@ -411,20 +411,26 @@ def sweep_command(settings: DistillSettings, root: Path) -> str:
 
 def write_results(records: List[Dict[str, Any]], path: Path, command: Optional[str] = None) -> None:
     """``compression.json`` (records of every teacher in the file, this teacher's replaced), .md and .png; ``command``:
-    the sweep's command line, said under the table."""
+    the sweep's command line, kept per teacher and said under the table."""
     path = Path(path)
     teacher_names = {r["teacher"] for r in records}
-    kept = []
-    if path.is_file():  # keep the other teacher's records (meter and vilt share the file)
-        kept = [r for r in json.loads(path.read_text())["records"] if r["teacher"] not in teacher_names]
+    kept, commands = [], {}
+    if path.is_file():  # keep the other teacher's records (meter and vilt share the file) and its command
+        stored = json.loads(path.read_text())
+        kept = [r for r in stored["records"] if r["teacher"] not in teacher_names]
+        commands = {t: c for t, c in stored.get("commands", {}).items() if t not in teacher_names}
+    if command:
+        commands.update({name: command for name in teacher_names})
     everything = kept + records
-    text = json.dumps({"generated": time.strftime("%Y-%m-%d %H:%M"), "records": everything}, indent=1)
+    text = json.dumps({"generated": time.strftime("%Y-%m-%d %H:%M"), "commands": commands, "records": everything},
+                      indent=1)
     write_text(path, text)
     table = markdown_table(everything)
-    if command:
-        table += (f"\n\nOne row, one seed: `{command} --seeds S --methods M`. The same with `--report-only` and every "
-                  f"seed and method gathers them into `{path.name}`; a record is gathered only when the identity "
-                  "the current code gives its row (recipe, data, teacher and start weights) is the one stored with it, "
-                  "so every row here is one this code trains again.")
+    if commands:
+        table += "\n\nOne row, one seed (`K`: `dual` or `fusion`; a fusion row re-ranks the dual `baseline` of its seed):\n"
+        table += "".join(f"\n- {name}: `{line} --seeds S --methods M --students K`" for name, line in sorted(commands.items()))
+        table += (f"\n\nThe same with `--report-only` and every seed, method and kind gathers them into `{path.name}`; a "
+                  "record is gathered only when the identity the current code gives its row (recipe, data, teacher and "
+                  "start weights) is the one stored with it, so every row here is one this code trains again.")
     write_text(path.with_suffix(".md"), table + "\n")
     plot(everything, path.with_suffix(".png"))

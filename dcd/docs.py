@@ -17,7 +17,7 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -26,8 +26,11 @@ PAGES = ("README.md", "docs/experiments.md", "docs/embedded-default.md")
 BLOCK = re.compile(r"(<!-- generated: (?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- end: (?P=name) -->)", re.S)
 
 
-def _records(name: str) -> List[Dict]:
-    return json.loads((RESULTS / f"{name}.json").read_text())["records"]
+def _records(name: str, teacher: Optional[str] = None) -> List[Dict]:
+    """The records of ``benchmarks/results/<name>.json`` (``teacher``: that teacher family's only; METER and ViLT
+    sweeps share a file)."""
+    records = json.loads((RESULTS / f"{name}.json").read_text())["records"]
+    return [r for r in records if teacher is None or r["teacher"] == teacher]
 
 
 def _compression(name: str) -> Callable[[], str]:
@@ -51,7 +54,7 @@ def _headline() -> str:
     """The fair comparison in one table: DCD's dual student against the same student and loss with no teacher."""
     from .ablations import paired_differences, summarise
 
-    records = _records("compression")
+    records = _records("compression", teacher="meter")
     rows = {r["method"]: r for r in summarise(records)}
     (pair,) = [p for p in paired_differences(records, against={"dcd_denoised_t2i": "baseline_t2i"})]
     low, high = pair["ci95"] if pair["ci95"] else (float("nan"), float("nan"))
@@ -79,7 +82,7 @@ def _parts() -> str:
     """What each of DCD's parts adds: the full recipe minus the row without it, paired by seed, with its interval."""
     from .ablations import paired_differences
 
-    records = _records("compression")
+    records = _records("compression", teacher="meter")
     pairs = {p["method"]: p for p in paired_differences(records, against={m: "dcd_denoised_t2i" for _, m in PARTS})}
     lines = ["| part of DCD | full recipe minus the row without it (test RSUM) | 95 % CI | seeds |", "|---|---|---|---|"]
     for label, method in PARTS:
@@ -105,7 +108,8 @@ def _out_of_fold() -> str:
     the student minus the one-teacher DCD student and minus the no-teacher baseline of the same seed."""
     from .ablations import paired_differences, summarise
 
-    reference = [r for r in _records("compression") if r["method"] in ("dcd_denoised_t2i", "baseline_t2i")]
+    reference = [r for r in _records("compression", teacher="meter")
+                 if r["method"] in ("dcd_denoised_t2i", "baseline_t2i")]
 
     def paired(records, against, metric):
         (pair,) = paired_differences(records, metric, against={"variant": against}) or [None]
@@ -120,7 +124,7 @@ def _out_of_fold() -> str:
     for name, label in TEACHER_VARIANTS:
         if not (RESULTS / f"{name}.json").is_file():
             continue
-        records = _records(name)
+        records = _records(name, teacher="meter")
         teacher = next(r for r in records if r["method"] == "teacher")
         # this variant's DCD students as a method of their own, beside the one-teacher sweep's rows of the same seeds
         variant = [{**r, "method": "variant"} for r in records if r["method"] == "dcd_denoised_t2i"]

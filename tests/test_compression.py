@@ -351,6 +351,25 @@ def test_the_report_names_the_command_that_trains_a_row(tmp_path):
     assert ablations.sweep_command(DistillSettings(), Path("runs/y")) == "dcd ablations --out runs/y"
 
 
+def test_the_report_keeps_each_teachers_command(tmp_path):
+    """METER and ViLT sweeps share compression.json: each writer replaces its own records and command only."""
+    def record(teacher, seed):
+        return {"teacher": teacher, "student": "fusion", "method": "baseline", "seed": seed, "params": 1e6,
+                "test_rsum": 300.0 + seed}
+
+    path = tmp_path / "compression.json"
+    ablations.write_results([record("meter", 0)], path, "dcd ablations --epochs 8 --out runs/a")
+    ablations.write_results([record("vilt", 0), record("vilt", 1)], path,
+                            "dcd ablations --teacher vilt --epochs 8 --out runs/a")
+    stored = json.loads(path.read_text())
+    assert sorted((r["teacher"], r["seed"]) for r in stored["records"]) == [("meter", 0), ("vilt", 0), ("vilt", 1)]
+    assert stored["commands"] == {"meter": "dcd ablations --epochs 8 --out runs/a",
+                                  "vilt": "dcd ablations --teacher vilt --epochs 8 --out runs/a"}
+    table = path.with_suffix(".md").read_text()
+    assert "- meter: `dcd ablations --epochs 8 --out runs/a --seeds S --methods M --students K`" in table
+    assert "- vilt: `dcd ablations --teacher vilt --epochs 8 --out runs/a --seeds S --methods M --students K`" in table
+
+
 # ------------------------------------------------------------------------------------------ ablation runner
 def test_ablation_runner_records_every_row_and_resumes(data_json, tmp_path):
     teacher_dir = tmp_path / "teacher"
@@ -376,7 +395,7 @@ def test_ablation_runner_records_every_row_and_resumes(data_json, tmp_path):
     table = results.with_suffix(".md").read_text()
     assert "± " in table and "vanilla_kd" in table
     assert f"`dcd ablations --data {data_json} --teacher-checkpoint {teacher_dir} " in table
-    assert f"--out {out} --seeds S --methods M`" in table  # the command that trains one row of the table
+    assert f"--out {out} --seeds S --methods M --students K`" in table  # the command that trains one row
     assert "test scoring (s)" in table and all(r.get("eval_seconds") is not None for r in stored)
     assert results.with_suffix(".png").is_file()
     # a second run trains nothing: every record is reused

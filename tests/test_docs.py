@@ -34,3 +34,21 @@ def test_the_pages_the_readme_links_to_exist():
     for link in re.findall(r"\]\(([^)#]+)", (ROOT / "README.md").read_text()):
         if not link.startswith("http"):
             assert (ROOT / link).is_file(), link
+
+
+def test_the_meter_tables_read_meter_records_only(tmp_path, monkeypatch):
+    """A ViLT sweep writes into the same compression.json: the METER headline must still show METER's teacher."""
+    import json
+
+    def record(teacher, method, seed, rsum):
+        return {"teacher": teacher, "student": "dual" if method != "teacher" else "teacher", "method": method,
+                "seed": seed, "params": 1e6, "test_rsum": rsum}
+
+    meter = [record("meter", "teacher", None, 345.0)] + [
+        record("meter", m, s, base + s) for s in range(3) for m, base in (("baseline_t2i", 330), ("dcd_denoised_t2i", 360))]
+    vilt = [record("vilt", "teacher", None, 111.0), record("vilt", "baseline_t2i", 0, 1.0),
+            record("vilt", "dcd_denoised_t2i", 0, 2.0)]
+    (tmp_path / "compression.json").write_text(json.dumps({"records": meter + vilt}))
+    monkeypatch.setattr(docs, "RESULTS", tmp_path)
+    headline = docs.GENERATORS["headline"]()
+    assert "345.0" in headline and "111.0" not in headline and "+30.0 RSUM" in headline
