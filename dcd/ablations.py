@@ -31,7 +31,8 @@ from teachers.files import write_text
 
 from . import retrieval
 from .migrate import legacy_record
-from .pipeline import STUDENT_DIR, RunSetup, build_student, count_parameters, setup_run, train_student
+from .pipeline import (STUDENT_DIR, RunSetup, build_student, count_parameters, rerank_validation, setup_run,
+                       train_student)
 from .recipes import DistillSettings, Recipe, resolve, role_of
 from .score_matrices import cached_score_matrix, stored_score_info
 from .stages import fingerprint, stage_dir, weights_sha256
@@ -198,11 +199,13 @@ def _one_run(kind: str, method: str, seed: int, settings: DistillSettings, setup
         return None
     splits, teacher = setup.splits, setup.teacher if uses else None
     started = time.time()
+    # a fusion row re-ranks the dual baseline of its seed: found before training, and its val curve re-ranks too
+    first = _first_stage(settings, setup, root, seed) if kind == "fusion" else None
+    validate = rerank_validation(first, splits["val"], FUSION_RERANK_K, recipe) if first is not None else None
     trained, summary = train_student(role_of(kind, uses), student, teacher, recipe, splits, root,
-                                     setup.cache if uses else None, label=method)
+                                     setup.cache if uses else None, label=method, validate=validate)
     extra: Dict[str, Any] = {}
     if kind == "fusion":
-        first = _first_stage(settings, setup, root, seed)
         reranker = teachers.as_teacher(trained, recipe.precision["scoring"])  # trained: it only scores now
         val, test = (retrieval.evaluate_rerank(first, reranker, splits[role], k=FUSION_RERANK_K, device=settings.device,
                                                progress=False) for role in ("val", "eval"))

@@ -434,7 +434,8 @@ def test_ablation_runner_records_every_row_and_resumes(data_json, tmp_path):
 def test_fusion_rows_are_measured_as_re_rankers_of_the_dual_baseline(data_json, tmp_path):
     teacher_dir = tmp_path / "teacher"
     meter_preset("roberta32x1-vit32x2").save_pretrained(teacher_dir)
-    settings = _settings(data_json, tmp_path, teacher_checkpoint=str(teacher_dir), eval_split="test")
+    settings = _settings(data_json, tmp_path, teacher_checkpoint=str(teacher_dir), eval_split="test",
+                         max_steps=None)  # whole epochs: each ends in a val pass
     out = tmp_path / "ablations"
     with pytest.raises(ValueError, match="re-rank the dual baseline of the same seed"):
         ablations.run_ablations(settings, seeds=(0,), methods=["dcd"], kinds=("fusion",), out=out,
@@ -447,6 +448,10 @@ def test_fusion_rows_are_measured_as_re_rankers_of_the_dual_baseline(data_json, 
     for r in fusion:  # the first stage's own recall is the dual baseline's: the same model, the same split
         assert r["rerank_k"] == ablations.FUSION_RERANK_K and r["first_stage_test_rsum"] == dual_baseline["test_rsum"]
         assert 0 <= r["test_i2t_r1"] <= 100 and r["params"] < records[0]["params"]
+        # its training curve: val RSUM after each epoch, re-ranking the same shortlist; the last is the record's
+        from dcd.report import read_metrics
+        curve = [m["eval"]["rsum"] for m in read_metrics(Path(r["stage"]) / "metrics.jsonl") if "eval" in m]
+        assert len(curve) == settings.epochs and curve[-1] == pytest.approx(r["val_rsum"], abs=0.01)
 
 
 def test_summary_means_and_stds():
