@@ -194,7 +194,9 @@ def _one_run(kind: str, method: str, seed: int, settings: DistillSettings, setup
         if "migrated_from" in stored and is_main_process():  # today's name for it; the old file stays
             write_text(path, json.dumps(stored, indent=1, default=str))
         log.info("%s %s seed %d: reusing %s", kind, method, seed, path)
-        return stored["record"]
+        # the identity matched: the same teacher, or (a row trained without one) a record every teacher's sweep shares,
+        # shown under this sweep's teacher
+        return {**stored["record"], "teacher": settings.teacher}
     if not train:
         return None
     splits, teacher = setup.splits, setup.teacher if uses else None

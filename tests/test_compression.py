@@ -423,6 +423,15 @@ def test_ablation_runner_records_every_row_and_resumes(data_json, tmp_path):
                                     results_json=results, train_missing=False)
     assert [r["method"] for r in other] == ["teacher"]
     assert mtimes == {p: p.stat().st_mtime_ns for p in (out / "records").iterdir()}
+    # another teacher's sweep in the same folder shares the rows trained without a teacher, shown under its teacher
+    from teachers.vilt import vilt_preset
+
+    vilt_preset("vit32x2").save_pretrained(tmp_path / "vilt")
+    vilt = ablations.run_ablations(replace(settings, teacher="vilt", teacher_checkpoint=str(tmp_path / "vilt")),
+                                   seeds=(0, 1), methods=methods, kinds=("dual",), out=out, results_json=results,
+                                   train_missing=False)
+    assert [(r["teacher"], r["method"]) for r in vilt] == [("vilt", "teacher"), ("vilt", "baseline"), ("vilt", "baseline")]
+    assert [r["test_rsum"] for r in vilt[1:]] == [r["test_rsum"] for r in records if r["method"] == "baseline"]
     # every record names its student's stage folder and stores the row's recipe
     for path in (out / "records").iterdir():
         stored = json.loads(path.read_text())
