@@ -144,8 +144,8 @@ def run_ablations(settings: DistillSettings, seeds: Sequence[int] = (0, 1, 2),
                               eval_seconds=teacher_eval["elapsed_s"]))
     if is_main_process():
         results_json = Path(results_json or root / "compression.json")
-        write_results(records, results_json, sweep_command(settings, root))
-        plot_val_curves(root, records, results_json.with_name(results_json.stem + "_curves.png"))
+        everything = write_results(records, results_json, sweep_command(settings, root))
+        plot_val_curves(root, everything, results_json.with_name(results_json.stem + "_curves.png"))
     return records
 
 
@@ -326,6 +326,7 @@ def plot_val_curves(root: Path, records: List[Dict[str, Any]], path: Path) -> Op
     from .report import read_metrics
 
     curves: Dict[str, List[List[tuple]]] = {}
+    several = len({r["teacher"] for r in records}) > 1
     for r in records:
         if r["method"] == "teacher":
             continue
@@ -333,7 +334,7 @@ def plot_val_curves(root: Path, records: List[Dict[str, Any]], path: Path) -> Op
         log_path = stage / "metrics.jsonl"
         points = [(m["epoch"], m["eval"]["rsum"]) for m in read_metrics(log_path) if "rsum" in m.get("eval", {})]
         if points:
-            curves.setdefault(f"{r['student']} {r['method']}", []).append(points)
+            curves.setdefault(f"{_teacher_tag(r, several)}{r['student']} {r['method']}", []).append(points)
     if not curves:
         return None
     import matplotlib
@@ -358,6 +359,11 @@ def plot_val_curves(root: Path, records: List[Dict[str, Any]], path: Path) -> Op
     return path
 
 
+def _teacher_tag(row: Dict[str, Any], several: bool) -> str:
+    """``"vilt: "`` where a figure holds several teachers' rows (their method names are the same), else nothing."""
+    return f"{row['teacher']}: " if several else ""
+
+
 def plot(records: List[Dict[str, Any]], path: Path) -> Optional[Path]:
     """Test RSUM (mean +- std) per method and student kind, the teacher as a horizontal line."""
     try:
@@ -371,15 +377,18 @@ def plot(records: List[Dict[str, Any]], path: Path) -> Optional[Path]:
     kinds = [k for k in ("dual", "fusion") if any(r["student"] == k for r in rows)]
     if not kinds:
         return None
-    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(kinds), figsize=(7 * len(kinds), 6), squeeze=False)
+    teacher_rows = [r for r in rows if r["method"] == "teacher"]
     for ax, kind in zip(axes[0], kinds):
         mine = [r for r in rows if r["student"] == kind and "test_rsum" in r]
-        ax.bar(range(len(mine)), [r["test_rsum"] for r in mine], yerr=[r["test_rsum_std"] for r in mine],
-               color=["#999999" if r["method"] == "baseline" else "#3b75af" for r in mine], capsize=4)
-        ax.set_xticks(range(len(mine)), [f"{r['method']} (n={r['seeds']})" for r in mine], rotation=30, ha="right")
-        for t in (r for r in rows if r["method"] == "teacher"):
-            ax.axhline(t["test_rsum"], color="#c44e52", linestyle="--", label=f"{t['teacher']} teacher")
-        low = min([r["test_rsum"] - r["test_rsum_std"] for r in mine] or [0])
+        ax.bar(range(len(mine)), [r["test_rsum"] for r in mine], yerr=[r["test_rsum_std"] for r in mine],  # grey: no teacher
+               color=["#999999" if r["method"].startswith("baseline") else "#3b75af" for r in mine], capsize=4)
+        several = len({r["teacher"] for r in mine}) > 1
+        ax.set_xticks(range(len(mine)), [f"{_teacher_tag(r, several)}{r['method']} (n={r['seeds']})" for r in mine],
+                      rotation=30, ha="right")
+        for t, colour in zip(teacher_rows, ("#c44e52", "#8172b2", "#55a868")):
+            ax.axhline(t["test_rsum"], color=colour, linestyle="--", label=f"{t['teacher']} teacher")
+        low = min([r["test_rsum"] - r["test_rsum_std"] for r in mine] + [t["test_rsum"] for t in teacher_rows] or [0])
         ax.set_ylim(max(0, low - 30), None)
         ax.set_title(f"{kind} student: test RSUM, mean ± std over seeds")
         ax.legend(loc="lower right")
@@ -414,9 +423,9 @@ def sweep_command(settings: DistillSettings, root: Path) -> str:
     return " ".join(["dcd ablations", *flags, f"--out {root}"])
 
 
-def write_results(records: List[Dict[str, Any]], path: Path, command: Optional[str] = None) -> None:
+def write_results(records: List[Dict[str, Any]], path: Path, command: Optional[str] = None) -> List[Dict[str, Any]]:
     """``compression.json`` (records of every teacher in the file, this teacher's replaced), .md and .png; ``command``:
-    the sweep's command line, kept per teacher and said under the table."""
+    the sweep's command line, kept per teacher and said under the table. Returns every record the file holds."""
     path = Path(path)
     teacher_names = {r["teacher"] for r in records}
     kept, commands = [], {}
@@ -439,3 +448,4 @@ def write_results(records: List[Dict[str, Any]], path: Path, command: Optional[s
                   "start weights) is the one stored with it, so every row here is one this code trains again.")
     write_text(path.with_suffix(".md"), table + "\n")
     plot(everything, path.with_suffix(".png"))
+    return everything

@@ -359,9 +359,10 @@ def test_the_report_keeps_each_teachers_command(tmp_path):
 
     path = tmp_path / "compression.json"
     ablations.write_results([record("meter", 0)], path, "dcd ablations --epochs 8 --out runs/a")
-    ablations.write_results([record("vilt", 0), record("vilt", 1)], path,
-                            "dcd ablations --teacher vilt --epochs 8 --out runs/a")
+    everything = ablations.write_results([record("vilt", 0), record("vilt", 1)], path,
+                                         "dcd ablations --teacher vilt --epochs 8 --out runs/a")
     stored = json.loads(path.read_text())
+    assert everything == stored["records"]  # what the val-curve figure is drawn from: every teacher's runs
     assert sorted((r["teacher"], r["seed"]) for r in stored["records"]) == [("meter", 0), ("vilt", 0), ("vilt", 1)]
     assert stored["commands"] == {"meter": "dcd ablations --epochs 8 --out runs/a",
                                   "vilt": "dcd ablations --teacher vilt --epochs 8 --out runs/a"}
