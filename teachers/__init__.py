@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 from .base import (
-    Features, Inputs, Scorer, Teacher, Towers, concat, num_items, pad_images, select, to_device,
+    Features, Inputs, Scorer, ScoringView, Teacher, Towers, concat, num_items, pad_images, select, to_device,
 )
 from .registry import Registry, UnknownName
 
@@ -115,7 +115,7 @@ def as_teacher(obj: object, precision: Optional[str] = None) -> Teacher:
 
 
 __all__ = [
-    "Features", "HOOKS", "Inputs", "Scorer", "TEACHERS", "Teacher", "Towers", "UnknownName", "as_teacher",
+    "Features", "HOOKS", "Inputs", "Scorer", "ScoringView", "TEACHERS", "Teacher", "Towers", "UnknownName", "as_teacher",
     "build_towers", "concat", "create_model", "create_teacher", "list_teachers", "num_items", "pad_images",
     "register_hook", "register_teacher", "saved_family", "select", "to_device",
 ]

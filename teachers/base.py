@@ -248,31 +248,18 @@ class Wrapper(Scorer):
         return self.model.score_features(image_features, text_features)
 
 
-class Teacher(Wrapper):
-    """A frozen view of a scorer: eval mode always, no gradients, never trained by dcd.
+class ScoringView(Wrapper):
+    """A scorer's passes without gradients, at a chosen precision (logits back in fp32), its weights untouched.
 
-    The architecture (``self.model``) stays an ordinary trainable ``Scorer`` so that the embedded
-    default can fine-tune it first; wrapping it in ``Teacher`` freezes every parameter, and ``train()``
-    is overridden so that a user's ``distiller.train()`` cannot switch dropout back on.
+    How a student still in training is scored as it will be once trained: the :class:`Teacher` view adds the
+    freezing, which would stop its training.
     """
 
     def __init__(self, model: Scorer, precision: str = "auto"):
         super().__init__()
-        if isinstance(model, Teacher):
-            model = model.model
         self.model = model
         self.precision = precision  # what it scores in: "auto" (bf16 where it pays, teachers.precision) or fixed
         self.family = model.family
-        self.fusion_frozen = getattr(model, "fusion_frozen", ())
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        super().train(False)
-
-    def train(self, mode: bool = True) -> "Teacher":  # a teacher stays in eval mode
-        return super().train(False)
-
-    def unimodal_towers(self) -> Towers:
-        return unimodal_towers(self.model)
 
     @property
     def scoring_precision(self) -> str:
@@ -307,6 +294,30 @@ class Teacher(Wrapper):
     def score_features(self, image_features: Features, text_features: Features) -> Tensor:
         with self._frozen():
             return self.model.score_features(image_features, text_features).float()
+
+
+class Teacher(ScoringView):
+    """A frozen view of a scorer: eval mode always, no gradients, never trained by dcd.
+
+    The architecture (``self.model``) stays an ordinary trainable ``Scorer`` so that the embedded
+    default can fine-tune it first; wrapping it in ``Teacher`` freezes every parameter, and ``train()``
+    is overridden so that a user's ``distiller.train()`` cannot switch dropout back on.
+    """
+
+    def __init__(self, model: Scorer, precision: str = "auto"):
+        if isinstance(model, Teacher):
+            model = model.model
+        super().__init__(model, precision)
+        self.fusion_frozen = getattr(model, "fusion_frozen", ())
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> "Teacher":  # a teacher stays in eval mode
+        return super().train(False)
+
+    def unimodal_towers(self) -> Towers:
+        return unimodal_towers(self.model)
 
 
 def unimodal_towers(model: nn.Module) -> Towers:

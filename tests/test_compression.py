@@ -464,6 +464,28 @@ def test_fusion_rows_are_measured_as_re_rankers_of_the_dual_baseline(data_json, 
         assert len(curve) == settings.epochs and curve[-1] == pytest.approx(r["val_rsum"], abs=0.01)
 
 
+def test_a_fusion_students_val_pass_scores_only_the_student_at_the_scoring_precision(tiny_splits):
+    """The first stage (a dual student) is scored at its own precision: its dot products in bf16 tie, and it lost
+    31 val RSUM when the whole val pass ran under bf16 autocast."""
+    seen = {}
+
+    def spy(name, model):
+        encode = model.encode_images
+
+        def encode_images(images):
+            seen.setdefault(name, set()).add(torch.is_autocast_enabled("cpu"))
+            return encode(images)
+        model.encode_images = encode_images
+        return model
+
+    first = spy("first stage", students.dual_test(pretrained=False).eval())
+    student = spy("student", students.dual_test(pretrained=False))
+    recipe = resolve(DistillSettings(progress=False, precision="bf16"))
+    metrics = pipeline.rerank_validation(first, tiny_splits["val"], 2, recipe)(student)
+    assert seen == {"first stage": {False}, "student": {True}} and "rsum" in metrics
+    assert all(p.requires_grad for p in student.parameters())  # scored as it will be, and still training
+
+
 def test_summary_means_and_stds():
     records = [{"teacher": "meter", "student": "dual", "method": "dcd", "seed": s, "params": 10, "test_rsum": v}
                for s, v in enumerate((400.0, 410.0, 420.0))]
