@@ -122,6 +122,27 @@ def test_distill_end_to_end_on_a_fixture_with_a_checkpoint(fixture_json, tmp_pat
 
 
 @pytest.mark.slow
+def test_distill_with_a_vilt_teacher_prints_its_table(fixture_json, tmp_path, capsys):
+    """`make distill TEACHER=vilt`: the same flow for the single-stream teacher; its fusion student is half its
+    layers, strictly smaller, and is measured as a re-ranker of the dual student."""
+    from teachers.vilt import vilt_preset
+
+    vilt_preset("vit32x2").save_pretrained(tmp_path / "vilt")
+    out = tmp_path / "run"
+    cli.main(["distill", "--teacher", "vilt", "--teacher-checkpoint", str(tmp_path / "vilt"), "--data",
+              str(fixture_json), "--eval-split", "test", "--out", str(out), "--max-steps", "2", "--batch-size", "8",
+              "--epochs", "1", "--num-negatives", "4", "--num-hard", "2", "--rerank-k", "3"])
+    printed = capsys.readouterr().out
+    rows = {row["model"]: row for row in json.loads((out / "results.json").read_text())["results"]}
+    assert list(rows) == ["teacher", "baseline dual", "dcd dual", "dual top-3 -> baseline fusion",
+                          "dual top-3 -> dcd fusion", "dual top-3 -> teacher"]
+    assert "vilt teacher on" in printed and all(name in printed for name in rows)
+    fusion = json.loads((Path(json.loads((out / "results.json").read_text())["stages"]["fusion"]) / "student" /
+                         "config.json").read_text())
+    assert fusion["teacher_family"] == "vilt" and fusion["layers"] == [0]  # 2 layers -> the first
+    assert rows["dual top-3 -> dcd fusion"]["params"] < rows["teacher"]["params"]
+
+
 def test_equal_time_dual_trains_for_the_time_it_is_given(fixture_json, tmp_path):
     splits = {role: load_karpathy(fixture_json, split=name) for role, name in (("train", "train"), ("val", "val"),
                                                                                ("eval", "test"))}
