@@ -327,10 +327,12 @@ def plot_val_curves(root: Path, records: List[Dict[str, Any]], path: Path) -> Op
 
     curves: Dict[str, List[List[tuple]]] = {}
     several = len({r["teacher"] for r in records}) > 1
+    drawn = set()  # a row trained without a teacher is in every teacher's sweep: drawn once
     for r in records:
-        if r["method"] == "teacher":
-            continue
         stage = Path(r["stage"]) if r.get("stage") else root / r["student"] / r["method"] / f"seed{r['seed']}"
+        if r["method"] == "teacher" or stage in drawn:
+            continue
+        drawn.add(stage)
         log_path = stage / "metrics.jsonl"
         points = [(m["epoch"], m["eval"]["rsum"]) for m in read_metrics(log_path) if "rsum" in m.get("eval", {})]
         if points:
@@ -386,8 +388,8 @@ def plot(records: List[Dict[str, Any]], path: Path) -> Optional[Path]:
         several = len({r["teacher"] for r in mine}) > 1
         ax.set_xticks(range(len(mine)), [f"{_teacher_tag(r, several)}{r['method']} (n={r['seeds']})" for r in mine],
                       rotation=30, ha="right")
-        for t, colour in zip(teacher_rows, ("#c44e52", "#8172b2", "#55a868")):
-            ax.axhline(t["test_rsum"], color=colour, linestyle="--", label=f"{t['teacher']} teacher")
+        for i, t in enumerate(teacher_rows):
+            ax.axhline(t["test_rsum"], color=f"C{3 + i}", linestyle="--", label=f"{t['teacher']} teacher")
         low = min([r["test_rsum"] - r["test_rsum_std"] for r in mine] + [t["test_rsum"] for t in teacher_rows] or [0])
         ax.set_ylim(max(0, low - 30), None)
         ax.set_title(f"{kind} student: test RSUM, mean ± std over seeds")

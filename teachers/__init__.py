@@ -100,6 +100,8 @@ def as_teacher(obj: object, precision: Optional[str] = None) -> Teacher:
     """
     if isinstance(obj, Teacher):  # another precision: a second view of the same model
         return obj if precision is None or precision == obj.precision else Teacher(obj.model, precision)
+    if isinstance(obj, ScoringView):  # a student's scoring view: the student itself becomes the teacher
+        return Teacher(obj.model, precision or obj.precision)
     precision = precision or "auto"
     if isinstance(obj, Scorer):
         return Teacher(obj, precision)

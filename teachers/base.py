@@ -257,9 +257,16 @@ class ScoringView(Wrapper):
 
     def __init__(self, model: Scorer, precision: str = "auto"):
         super().__init__()
+        if isinstance(model, ScoringView):  # a view of a view scores the model itself
+            model = model.model
         self.model = model
         self.precision = precision  # what it scores in: "auto" (bf16 where it pays, teachers.precision) or fixed
         self.family = model.family
+        self.fusion_frozen = getattr(model, "fusion_frozen", ())
+        self.training = model.training  # so that restoring the view's mode restores the model's
+
+    def unimodal_towers(self) -> Towers:
+        return unimodal_towers(self.model)
 
     @property
     def scoring_precision(self) -> str:
@@ -305,10 +312,7 @@ class Teacher(ScoringView):
     """
 
     def __init__(self, model: Scorer, precision: str = "auto"):
-        if isinstance(model, Teacher):
-            model = model.model
         super().__init__(model, precision)
-        self.fusion_frozen = getattr(model, "fusion_frozen", ())
         for p in self.model.parameters():
             p.requires_grad_(False)
         super().train(False)
@@ -316,13 +320,10 @@ class Teacher(ScoringView):
     def train(self, mode: bool = True) -> "Teacher":  # a teacher stays in eval mode
         return super().train(False)
 
-    def unimodal_towers(self) -> Towers:
-        return unimodal_towers(self.model)
-
 
 def unimodal_towers(model: nn.Module) -> Towers:
     """``model.unimodal_towers()`` of a teacher (or of a ``Teacher``'s model); ``NotImplementedError`` when it has none."""
-    model = model.model if isinstance(model, Teacher) else model
+    model = model.model if isinstance(model, ScoringView) else model
     if isinstance(model, Scorer):
         return model.unimodal_towers()
     return Scorer.unimodal_towers(model)  # not a Scorer: the same message, naming its family

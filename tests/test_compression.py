@@ -479,11 +479,15 @@ def test_a_fusion_students_val_pass_scores_only_the_student_at_the_scoring_preci
         return model
 
     first = spy("first stage", students.dual_test(pretrained=False).eval())
-    student = spy("student", students.dual_test(pretrained=False))
+    student = spy("student", students.dual_test(pretrained=False).eval())  # the trainer puts it in eval mode
     recipe = resolve(DistillSettings(progress=False, precision="bf16"))
     metrics = pipeline.rerank_validation(first, tiny_splits["val"], 2, recipe)(student)
     assert seen == {"first stage": {False}, "student": {True}} and "rsum" in metrics
     assert all(p.requires_grad for p in student.parameters())  # scored as it will be, and still training
+    assert first.training is False and student.training is False  # each back in the mode it was in
+    import teachers  # once trained, the student itself is what a Teacher view wraps, not the view around it
+
+    assert as_teacher(teachers.ScoringView(student, "fp32")).model is student
 
 
 def test_summary_means_and_stds():

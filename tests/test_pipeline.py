@@ -121,7 +121,6 @@ def test_distill_end_to_end_on_a_fixture_with_a_checkpoint(fixture_json, tmp_pat
     assert not stages["dcd"].exists() and Path(grouped["dcd"]).is_dir() and Path(grouped["baseline"]).is_dir()
 
 
-@pytest.mark.slow
 def test_distill_with_a_vilt_teacher_prints_its_table(fixture_json, tmp_path, capsys):
     """`make distill TEACHER=vilt`: the same flow for the single-stream teacher; its fusion student is half its
     layers, strictly smaller, and is measured as a re-ranker of the dual student."""
@@ -143,6 +142,7 @@ def test_distill_with_a_vilt_teacher_prints_its_table(fixture_json, tmp_path, ca
     assert rows["dual top-3 -> dcd fusion"]["params"] < rows["teacher"]["params"]
 
 
+@pytest.mark.slow
 def test_equal_time_dual_trains_for_the_time_it_is_given(fixture_json, tmp_path):
     splits = {role: load_karpathy(fixture_json, split=name) for role, name in (("train", "train"), ("val", "val"),
                                                                                ("eval", "test"))}
