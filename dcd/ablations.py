@@ -300,7 +300,21 @@ def markdown_table(records: List[Dict[str, Any]]) -> str:
                            paired_differences(records, against=TWO_DIRECTION_CONTROL))
     lines += _paired_table("Test RSUM minus the full recipe of the same seed (each ablation row takes parts of it out):",
                            paired_differences(records, against=ABLATION_OF), show_reference=True)
+    lines += _paired_table("Fusion rows: test RSUM minus their first stage's alone (the dual baseline of the same seed, "
+                           "not re-ranked): what re-ranking its top 16 adds:", rerank_gains(records))
     return "\n".join(lines)
+
+
+def rerank_gains(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Each fusion row's test RSUM minus its first stage's own (stored in its record), per seed: whether the
+    re-ranker improves on the retriever it re-ranks, as :func:`paired_differences` lays it out."""
+    groups: Dict[tuple, List[float]] = {}
+    for r in records:
+        if r["student"] == "fusion" and "first_stage_test_rsum" in r and "test_rsum" in r:
+            groups.setdefault((r["teacher"], r["method"]), []).append(r["test_rsum"] - r["first_stage_test_rsum"])
+    return [{"teacher": t, "student": "fusion", "method": m, "pairs": len(d), "mean": statistics.fmean(d),
+             "std": statistics.stdev(d) if len(d) > 1 else 0.0, "ci95": mean_interval(d), "differences": d}
+            for (t, m), d in groups.items()]
 
 
 def _paired_table(title: str, pairs: List[Dict[str, Any]], show_reference: bool = False) -> List[str]:

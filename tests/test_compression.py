@@ -455,8 +455,10 @@ def test_fusion_rows_are_measured_as_re_rankers_of_the_dual_baseline(data_json, 
     fusion = [r for r in records if r["student"] == "fusion"]
     dual_baseline = next(r for r in records if r["student"] == "dual" and r["method"] == "baseline")
     assert [r["method"] for r in fusion] == ["baseline", "dcd"]
+    gains = {g["method"]: g["differences"] for g in ablations.rerank_gains(records)}
     for r in fusion:  # the first stage's own recall is the dual baseline's: the same model, the same split
         assert r["rerank_k"] == ablations.FUSION_RERANK_K and r["first_stage_test_rsum"] == dual_baseline["test_rsum"]
+        assert gains[r["method"]] == [pytest.approx(r["test_rsum"] - dual_baseline["test_rsum"])]
         assert 0 <= r["test_i2t_r1"] <= 100 and r["params"] < records[0]["params"]
         # its training curve: val RSUM after each epoch, re-ranking the same shortlist; the last is the record's
         from dcd.report import read_metrics
