@@ -275,9 +275,15 @@ def paired_differences(records: List[Dict[str, Any]], metric: str = "test_rsum",
         if reference is not None and (teacher, kind, reference, seed) in values:
             groups.setdefault((teacher, kind, method, reference), []).append(
                 value - values[(teacher, kind, reference, seed)])
-    return [{"teacher": t, "student": k, "method": m, "against": ref, "pairs": len(d), "mean": statistics.fmean(d),
-             "std": statistics.stdev(d) if len(d) > 1 else 0.0, "ci95": mean_interval(d), "differences": d}
-            for (t, k, m, ref), d in groups.items()]
+    return [_differences_row(d, teacher=t, student=k, method=m, against=ref) for (t, k, m, ref), d in groups.items()]
+
+
+def _differences_row(differences: List[float], **key) -> Dict[str, Any]:
+    """One row of a paired table: ``key`` (teacher, student, method, ...) and the differences' count, mean, std and
+    95 % t interval."""
+    d = differences
+    return {**key, "pairs": len(d), "mean": statistics.fmean(d), "std": statistics.stdev(d) if len(d) > 1 else 0.0,
+            "ci95": mean_interval(d), "differences": d}
 
 
 def markdown_table(records: List[Dict[str, Any]]) -> str:
@@ -312,9 +318,7 @@ def rerank_gains(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     for r in records:
         if r["student"] == "fusion" and "first_stage_test_rsum" in r and "test_rsum" in r:
             groups.setdefault((r["teacher"], r["method"]), []).append(r["test_rsum"] - r["first_stage_test_rsum"])
-    return [{"teacher": t, "student": "fusion", "method": m, "pairs": len(d), "mean": statistics.fmean(d),
-             "std": statistics.stdev(d) if len(d) > 1 else 0.0, "ci95": mean_interval(d), "differences": d}
-            for (t, m), d in groups.items()]
+    return [_differences_row(d, teacher=t, student="fusion", method=m) for (t, m), d in groups.items()]
 
 
 def _paired_table(title: str, pairs: List[Dict[str, Any]], show_reference: bool = False) -> List[str]:
