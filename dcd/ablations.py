@@ -113,10 +113,12 @@ def _record(teacher_family: str, kind: str, method: str, seed: Optional[int], pa
 def run_ablations(settings: DistillSettings, seeds: Sequence[int] = (0, 1, 2),
                   methods: Iterable[str] = tuple(METHODS), kinds: Iterable[str] = ("dual",),
                   out: Optional[Path] = None, results_json: Optional[Path] = None,
-                  train_missing: bool = True) -> List[Dict[str, Any]]:
+                  train_missing: bool = True, fusion_epochs: Optional[int] = None) -> List[Dict[str, Any]]:
     """Train and evaluate every (student kind, method, seed); returns (and writes) all records.
 
     ``train_missing=False``: only gather the records already written (a report while sweeps run elsewhere).
+    ``fusion_epochs``: the fusion rows' budget when it differs from the dual rows' (a cross-encoder converges more
+    slowly); they still re-rank the dual baseline trained at ``settings.epochs``.
     """
     methods = list(methods)
     unknown = [m for m in methods if m not in KNOWN_METHODS]
@@ -130,8 +132,9 @@ def run_ablations(settings: DistillSettings, seeds: Sequence[int] = (0, 1, 2),
         for method in methods:
             if kind == "fusion" and method not in FUSION_METHODS:
                 continue
+            row_settings = replace(settings, epochs=fusion_epochs) if kind == "fusion" and fusion_epochs else settings
             for seed in seeds:
-                found = _one_run(kind, method, seed, settings, setup, root, train=train_missing)
+                found = _one_run(kind, method, seed, row_settings, setup, root, train=train_missing, sweep=settings)
                 if found is not None:  # a report gathers what was measured, and trains nothing
                     records.append(found)
     # the teacher last: its exhaustive scores take longest and are cached for every later sweep
@@ -144,7 +147,7 @@ def run_ablations(settings: DistillSettings, seeds: Sequence[int] = (0, 1, 2),
                               eval_seconds=teacher_eval["elapsed_s"]))
     if is_main_process():
         results_json = Path(results_json or root / "compression.json")
-        everything = write_results(records, results_json, sweep_command(settings, root))
+        everything = write_results(records, results_json, sweep_command(settings, root, fusion_epochs))
         plot_val_curves(root, everything, results_json.with_name(results_json.stem + "_curves.png"))
     return records
 
@@ -158,21 +161,22 @@ def row_recipe(settings: DistillSettings, setup: RunSetup, method: str, seed: in
 
 
 def find_record(kind: str, method: str, seed: int, settings: DistillSettings, setup: RunSetup,
-                root: Path) -> Tuple[Path, Dict[str, Any], Optional[Dict[str, Any]]]:
+                root: Path, sweep: Optional[DistillSettings] = None) -> Tuple[Path, Dict[str, Any], Optional[Dict]]:
     """``(path, identity, stored)`` of a row's record: its content-addressed file under ``root/records`` and what
     it holds (or what an earlier dcd wrote for the same identity, :func:`dcd.migrate.legacy_record`; None: not
-    measured yet)."""
+    measured yet). ``settings``: the row's own; ``sweep``: those of the dual baseline a fusion row re-ranks (default:
+    the row's)."""
     recipe, uses = row_recipe(settings, setup, method, seed)
     student = build_student(kind, recipe, setup.teacher, setup.teacher_model)
-    return _locate(kind, method, seed, recipe, uses, student, settings, setup, root)
+    return _locate(kind, method, seed, recipe, uses, student, sweep or settings, setup, root)
 
 
 def _locate(kind: str, method: str, seed: int, recipe: Recipe, uses: bool, student: Scorer,
-            settings: DistillSettings, setup: RunSetup, root: Path) -> Tuple[Path, Dict[str, Any], Optional[Dict]]:
+            sweep: DistillSettings, setup: RunSetup, root: Path) -> Tuple[Path, Dict[str, Any], Optional[Dict]]:
     """:func:`find_record` for a row whose recipe and untrained student are already built."""
     identity = recipe.identity("student", role_of(kind, uses), start=weights_sha256(student))
     if kind == "fusion":  # measured as a re-ranker: of which retriever, at which depth, belongs to its record
-        _, first_stage, _ = find_record("dual", "baseline", seed, settings, setup, root)
+        _, first_stage, _ = find_record("dual", "baseline", seed, sweep, setup, root)
         identity = {**identity, "rerank": {"k": FUSION_RERANK_K, "first_stage": fingerprint(first_stage)}}
     path = stage_dir(root / "records", f"{kind}-{method}-seed{seed}", identity)
     path = path.with_name(path.name + ".json")
@@ -186,10 +190,12 @@ def _locate(kind: str, method: str, seed: int, recipe: Recipe, uses: bool, stude
 
 
 def _one_run(kind: str, method: str, seed: int, settings: DistillSettings, setup: RunSetup, root: Path,
-             train: bool = True) -> Optional[Dict[str, Any]]:
+             train: bool = True, sweep: Optional[DistillSettings] = None) -> Optional[Dict[str, Any]]:
+    """One row at ``settings`` (its own budget); ``sweep``: the settings of the dual baseline a fusion row re-ranks."""
+    sweep = sweep or settings
     recipe, uses = row_recipe(settings, setup, method, seed)
     student = build_student(kind, recipe, setup.teacher, setup.teacher_model)
-    path, identity, stored = _locate(kind, method, seed, recipe, uses, student, settings, setup, root)
+    path, identity, stored = _locate(kind, method, seed, recipe, uses, student, sweep, setup, root)
     if stored is not None:
         if "migrated_from" in stored and is_main_process():  # today's name for it; the old file stays
             write_text(path, json.dumps(stored, indent=1, default=str))
@@ -202,7 +208,7 @@ def _one_run(kind: str, method: str, seed: int, settings: DistillSettings, setup
     splits, teacher = setup.splits, setup.teacher if uses else None
     started = time.time()
     # a fusion row re-ranks the dual baseline of its seed: found before training, and its val curve re-ranks too
-    first = _first_stage(settings, setup, root, seed) if kind == "fusion" else None
+    first = _first_stage(sweep, setup, root, seed) if kind == "fusion" else None
     validate = rerank_validation(first, splits["val"], FUSION_RERANK_K, recipe) if first is not None else None
     trained, summary = train_student(role_of(kind, uses), student, teacher, recipe, splits, root,
                                      setup.cache if uses else None, label=method, validate=validate)
@@ -423,7 +429,7 @@ def plot(records: List[Dict[str, Any]], path: Path) -> Optional[Path]:
 _NOT_FLAGS = ("out", "progress", "seed", "extra", "finetune_teacher", "num_workers")
 
 
-def sweep_command(settings: DistillSettings, root: Path) -> str:
+def sweep_command(settings: DistillSettings, root: Path, fusion_epochs: Optional[int] = None) -> str:
     """The ``dcd ablations`` command line that trains one row of this sweep (``--seeds S --methods M`` to fill in):
     the settings that differ from the defaults, as flags."""
     default = asdict(DistillSettings())
@@ -440,6 +446,8 @@ def sweep_command(settings: DistillSettings, root: Path) -> str:
             flags.append(f"{flag} {','.join(value)}")
         else:
             flags.append(f"{flag} {value}")
+    if fusion_epochs:
+        flags.append(f"--fusion-epochs {fusion_epochs}")
     return " ".join(["dcd ablations", *flags, f"--out {root}"])
 
 

@@ -151,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="all", help="comma-separated rows (all: the paper's, " + ", ".join(
         _ablation_methods()) + "; extra rows: " + ", ".join(_extra_methods()) + ")")
     p.add_argument("--students", default="dual", help="student kinds: dual | fusion | dual,fusion")
+    p.add_argument("--fusion-epochs", type=int,
+                   help="the fusion rows' epochs (default: --epochs); they re-rank the dual baseline of --epochs")
     p.add_argument("--results", default="benchmarks/results/compression.json", help="where the records are written")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: gather the finished records into the results files")
@@ -352,7 +354,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from .pipeline import DistillSettings, run_distill
 
-    sweep = {k: vars(args).pop(k) for k in ("seeds", "methods", "students", "results", "report_only")
+    sweep = {k: vars(args).pop(k) for k in ("seeds", "methods", "students", "results", "report_only", "fusion_epochs")
              if k in vars(args)}
     show_recipe = vars(args).pop("print_recipe")
     vars(args).pop("recipe")
@@ -384,7 +386,7 @@ def _run(args: argparse.Namespace) -> int:
         out = Path(settings.out) if settings.out else Path("runs") / f"ablations-{settings.teacher}"
         records = run_ablations(replace(settings, out=None), seeds=seeds, methods=methods,
                                 kinds=_csv(sweep["students"]), out=out, results_json=Path(sweep["results"]),
-                                train_missing=not sweep["report_only"])
+                                train_missing=not sweep["report_only"], fusion_epochs=sweep["fusion_epochs"])
         print(markdown_table(records))
         print(f"written: {sweep['results']} (and .md, .png)")
         shutdown_distributed()

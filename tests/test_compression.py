@@ -349,6 +349,10 @@ def test_the_report_names_the_command_that_trains_a_row(tmp_path):
     args = cli.build_parser().parse_args(shlex.split(command)[1:] + ["--seeds", "0", "--methods", "dcd"])
     assert (args.epochs, args.teacher_folds, args.dynamic, args.directions) == (8, 2, False, "i2t")
     assert ablations.sweep_command(DistillSettings(), Path("runs/y")) == "dcd ablations --out runs/y"
+    longer = ablations.sweep_command(DistillSettings(epochs=8), Path("runs/y"), fusion_epochs=16)
+    assert longer == "dcd ablations --epochs 8 --fusion-epochs 16 --out runs/y"
+    args = cli.build_parser().parse_args(shlex.split(longer)[1:])
+    assert (args.epochs, args.fusion_epochs) == (8, 16)
 
 
 def test_the_report_keeps_each_teachers_command(tmp_path):
@@ -464,6 +468,15 @@ def test_fusion_rows_are_measured_as_re_rankers_of_the_dual_baseline(data_json, 
         from dcd.report import read_metrics
         curve = [m["eval"]["rsum"] for m in read_metrics(Path(r["stage"]) / "metrics.jsonl") if "eval" in m]
         assert len(curve) == settings.epochs and curve[-1] == pytest.approx(r["val_rsum"], abs=0.01)
+    # a longer budget for the fusion rows alone: a new record, re-ranking the same dual baseline (not retrained)
+    longer = ablations.run_ablations(settings, seeds=(0,), methods=["baseline"], kinds=("dual", "fusion"), out=out,
+                                     results_json=tmp_path / "c.json", fusion_epochs=settings.epochs + 1)
+    assert longer[1] == {**dual_baseline, "teacher": longer[1]["teacher"]}
+    assert longer[2]["first_stage_test_rsum"] == dual_baseline["test_rsum"]
+    assert longer[2]["steps"] > fusion[0]["steps"] and longer[2]["stage"] != fusion[0]["stage"]
+    curve = [m for m in read_metrics(Path(longer[2]["stage"]) / "metrics.jsonl") if "eval" in m]
+    assert len(curve) == settings.epochs + 1
+    assert "--fusion-epochs" in json.loads((tmp_path / "c.json").read_text())["commands"]["meter"]
 
 
 def test_a_fusion_students_val_pass_scores_only_the_student_at_the_scoring_precision(tiny_splits):
