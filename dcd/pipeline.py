@@ -31,7 +31,7 @@ from .data import CaptionSplit, load_split, readable
 from .data.karpathy import hold_out
 from .distiller import Distiller
 from .recipes import NAMED_DATA, ROLES, DistillSettings, Recipe, resolve
-from .report import plot_training_curves, read_metrics, results_table
+from .report import headroom_note, plot_training_curves, read_metrics, results_table
 from .score_matrices import cached_score_matrix, plateau_k, rerank_curve
 from .teacher_training import embedded_teacher, out_of_fold_teacher
 from .stages import claim_stage, stage_dir, stage_lock, weights_sha256, write_latest
@@ -370,12 +370,15 @@ def run_distill(settings: DistillSettings) -> Dict[str, Any]:
     title = (f"{settings.teacher} teacher on {splits['eval'].name} ({splits['eval'].num_images} images x "
              f"{splits['eval'].num_captions} captions, {settings.device})")
     table = results_table(rows, title)
+    note = headroom_note(rows)
+    if note:
+        table += "\n" + note
     stage_paths = {role: Path(summary["stage"]) for role, summary in summaries.items()}
     curves = plot_training_curves(stage_paths, run_dir / "training_curves.png")
     results = {
         "settings": asdict(settings), "teacher": info, "training": summaries, "results": rows, "rerank": rerank,
         "eval_split": splits["eval"].name, "total_seconds": round(time.time() - started, 1),
-        "curves": str(curves) if curves else None,
+        "curves": str(curves) if curves else None, "note": note or None,
         "stages": {role: str(path) for role, path in stage_paths.items()},
         "skipped_images": sorted({line for split in splits.values() for line in split.meta.get("skipped", [])}),
     }

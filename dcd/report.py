@@ -32,6 +32,17 @@ def results_table(rows: Sequence[Dict], title: str = "") -> str:
     return "\n".join(lines)
 
 
+def headroom_note(rows: Sequence[Dict]) -> str:
+    """A warning line when the teacher does not out-rank the undistilled dual student ("" otherwise): a student that
+    imitates a weaker teacher's scores cannot gain from them (the embedded ViLT teacher, docs/experiments.md)."""
+    rsum = {r["model"]: r["rsum"] for r in rows if "rsum" in r}
+    if "teacher" not in rsum or "baseline dual" not in rsum or rsum["teacher"] > rsum["baseline dual"]:
+        return ""
+    return (f"note: the teacher (RSUM {rsum['teacher']:.1f}) does not out-rank the undistilled dual student "
+            f"({rsum['baseline dual']:.1f}): distilling it into the dual student cannot help; its re-rank rows are "
+            "the ones to read, or distil from a stronger teacher")
+
+
 def read_metrics(path: Path) -> List[Dict]:
     path = Path(path)
     if not path.exists():

@@ -136,6 +136,10 @@ def test_distill_with_a_vilt_teacher_prints_its_table(fixture_json, tmp_path, ca
     assert list(rows) == ["teacher", "baseline dual", "dcd dual", "dual top-3 -> baseline fusion",
                           "dual top-3 -> dcd fusion", "dual top-3 -> teacher"]
     assert "vilt teacher on" in printed and all(name in printed for name in rows)
+    # an untrained teacher may or may not out-rank a 2-step student: the warning says which, and is stored
+    weaker = rows["teacher"]["rsum"] <= rows["baseline dual"]["rsum"]
+    assert ("note: the teacher" in printed) == weaker
+    assert (json.loads((out / "results.json").read_text())["note"] is not None) == weaker
     fusion = json.loads((Path(json.loads((out / "results.json").read_text())["stages"]["fusion"]) / "student" /
                          "config.json").read_text())
     assert fusion["teacher_family"] == "vilt" and fusion["layers"] == [0]  # 2 layers -> the first

@@ -1,7 +1,7 @@
 """The training-curve plot: panels only where there are points, one colour per run across panels."""
 import json
 
-from dcd.report import curve_panels, plot_training_curves
+from dcd.report import curve_panels, headroom_note, plot_training_curves
 
 
 def _log(directory, records):
@@ -28,3 +28,12 @@ def test_plot_is_written_and_skipped_without_logs(tmp_path):
     out = plot_training_curves({"a": tmp_path / "a", "missing": tmp_path / "b"}, tmp_path / "curves.png")
     assert out.is_file() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot_training_curves({"missing": tmp_path / "b"}, tmp_path / "none.png") is None
+
+
+def test_headroom_note_warns_only_when_the_teacher_does_not_out_rank_the_undistilled_dual():
+    rows = [{"model": "teacher", "rsum": 218.2}, {"model": "baseline dual", "rsum": 339.7},
+            {"model": "dcd dual", "rsum": 330.0}]
+    note = headroom_note(rows)
+    assert note.startswith("note: the teacher (RSUM 218.2)") and "(339.7)" in note
+    assert headroom_note([{**rows[0], "rsum": 345.8}, *rows[1:]]) == ""
+    assert headroom_note(rows[:1] + rows[2:]) == ""  # no undistilled dual trained: nothing to compare with
