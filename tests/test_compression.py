@@ -454,11 +454,11 @@ def test_fusion_rows_are_measured_as_re_rankers_of_the_dual_baseline(data_json, 
     with pytest.raises(ValueError, match="re-rank the dual baseline of the same seed"):
         ablations.run_ablations(settings, seeds=(0,), methods=["dcd"], kinds=("fusion",), out=out,
                                 results_json=tmp_path / "c.json")
-    records = ablations.run_ablations(settings, seeds=(0,), methods=["baseline", "dcd"], kinds=("dual", "fusion"),
-                                      out=out, results_json=tmp_path / "c.json")
+    records = ablations.run_ablations(settings, seeds=(0,), methods=["baseline", "dcd", "dcd_denoised_t2i"],
+                                      kinds=("dual", "fusion"), out=out, results_json=tmp_path / "c.json")
     fusion = [r for r in records if r["student"] == "fusion"]
     dual_baseline = next(r for r in records if r["student"] == "dual" and r["method"] == "baseline")
-    assert [r["method"] for r in fusion] == ["baseline", "dcd"]
+    assert [r["method"] for r in fusion] == ["baseline", "dcd", "dcd_denoised_t2i"]  # both DCD recipes
     gains = {g["method"]: g["differences"] for g in ablations.rerank_gains(records)}
     for r in fusion:  # the first stage's own recall is the dual baseline's: the same model, the same split
         assert r["rerank_k"] == ablations.FUSION_RERANK_K and r["first_stage_test_rsum"] == dual_baseline["test_rsum"]
