@@ -345,23 +345,30 @@ def _paired_table(title: str, pairs: List[Dict[str, Any]], show_reference: bool 
     return lines
 
 
-def plot_val_curves(root: Path, records: List[Dict[str, Any]], path: Path) -> Optional[Path]:
-    """Validation RSUM after each epoch, one line per trained run, one colour per method: whether the
-    budget reached the plateau (the runs' metrics logs under ``root``)."""
+def val_curves(root: Path, records: List[Dict[str, Any]]) -> Dict[str, Dict[str, List[List[tuple]]]]:
+    """student kind -> row name -> one ``[(epoch, val RSUM), ...]`` per trained run (the runs' metrics logs under
+    ``root``); a row trained without a teacher is in every teacher's sweep and counted once."""
     from .report import read_metrics
 
-    curves: Dict[str, List[List[tuple]]] = {}
+    curves: Dict[str, Dict[str, List[List[tuple]]]] = {}
     several = len({r["teacher"] for r in records}) > 1
-    drawn = set()  # a row trained without a teacher is in every teacher's sweep: drawn once
+    drawn = set()
     for r in records:
         stage = Path(r["stage"]) if r.get("stage") else root / r["student"] / r["method"] / f"seed{r['seed']}"
         if r["method"] == "teacher" or stage in drawn:
             continue
         drawn.add(stage)
-        log_path = stage / "metrics.jsonl"
-        points = [(m["epoch"], m["eval"]["rsum"]) for m in read_metrics(log_path) if "rsum" in m.get("eval", {})]
+        points = [(m["epoch"], m["eval"]["rsum"]) for m in read_metrics(stage / "metrics.jsonl")
+                  if "rsum" in m.get("eval", {})]
         if points:
-            curves.setdefault(f"{_teacher_tag(r, several)}{r['student']} {r['method']}", []).append(points)
+            curves.setdefault(r["student"], {}).setdefault(f"{_teacher_tag(r, several)}{r['method']}", []).append(points)
+    return curves
+
+
+def plot_val_curves(root: Path, records: List[Dict[str, Any]], path: Path) -> Optional[Path]:
+    """Validation RSUM after each epoch, one panel per student kind, one line per trained run, one colour per row:
+    whether the budget reached the plateau (:func:`val_curves`)."""
+    curves = val_curves(root, records)
     if not curves:
         return None
     import matplotlib
@@ -369,16 +376,20 @@ def plot_val_curves(root: Path, records: List[Dict[str, Any]], path: Path) -> Op
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for i, (name, runs) in enumerate(sorted(curves.items())):
-        for j, points in enumerate(runs):
-            xs, ys = zip(*points)
-            ax.plot(xs, ys, color=f"C{i}", marker="o", markersize=3, alpha=0.8, label=name if j == 0 else None)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("val RSUM")
-    ax.set_title("validation RSUM over training (one line per seed)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    kinds = sorted(curves)
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6.4 * len(kinds), 4.8), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        palette = plt.get_cmap("tab10" if len(curves[kind]) <= 10 else "tab20")  # distinct hues while they last
+        for i, (name, runs) in enumerate(sorted(curves[kind].items())):
+            for j, points in enumerate(runs):
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, color=palette(i % 20), marker="o", markersize=3, alpha=0.8,
+                        label=f"{name} ({len(runs)})" if j == 0 else None)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("val RSUM" + (" (re-ranking the dual baseline's top 16)" if kind == "fusion" else ""))
+        ax.set_title(f"{kind} students: val RSUM over training (one line per seed)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

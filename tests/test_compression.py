@@ -525,6 +525,7 @@ def test_paired_differences_and_val_curves(tmp_path):
     log = tmp_path / "dual" / "dcd" / "seed0" / "metrics.jsonl"
     log.parent.mkdir(parents=True)
     log.write_text("\n".join(json.dumps({"step": e * 10, "epoch": e, "eval": {"rsum": 100.0 + e}}) for e in (1, 2)))
+    assert ablations.val_curves(tmp_path, records) == {"dual": {"dcd": [[(1, 101.0), (2, 102.0)]]}}
     assert ablations.plot_val_curves(tmp_path, records, tmp_path / "curves.png").is_file()
     assert ablations.plot_val_curves(tmp_path / "empty", records, tmp_path / "none.png") is None
 
