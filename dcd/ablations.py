@@ -122,6 +122,8 @@ def run_ablations(settings: DistillSettings, seeds: Sequence[int] = (0, 1, 2),
     slowly); they still re-rank the dual baseline trained at ``settings.epochs``.
     """
     methods = list(methods)
+    if fusion_epochs is not None and fusion_epochs < 1:
+        raise ValueError(f"--fusion-epochs must be a positive number of epochs, got {fusion_epochs}")
     unknown = [m for m in methods if m not in KNOWN_METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(KNOWN_METHODS)}")

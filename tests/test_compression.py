@@ -443,6 +443,8 @@ def test_ablation_runner_records_every_row_and_resumes(data_json, tmp_path):
         assert Path(stored["stage"]).parent == out / "students" and stored["recipe"]["seed"] == stored["record"]["seed"]
     with pytest.raises(ValueError, match="unknown method"):
         ablations.run_ablations(settings, methods=["dcd_magic"], out=out)
+    with pytest.raises(ValueError, match="--fusion-epochs must be a positive"):
+        ablations.run_ablations(settings, kinds=("fusion",), out=out, fusion_epochs=0)
 
 
 def test_fusion_rows_are_measured_as_re_rankers_of_the_dual_baseline(data_json, tmp_path):
