@@ -92,8 +92,8 @@ ABLATION_OF: Dict[str, str] = {**{name: "dcd" for name in PAPER_ABLATIONS},
 TWO_DIRECTION_CONTROL: Dict[str, str] = {name: "baseline_t2i" for name in ("dcd_denoised_t2i", *ABLATION_OF)
                                          if name.endswith("_denoised_t2i")}
 #: the rows trained for the fusion student; its DCD recipe is chosen on val between the paper's (``dcd``) and the
-#: dual student's (``dcd_denoised_t2i``)
-FUSION_METHODS = ("baseline", "vanilla_kd", "dcd", "dcd_denoised_t2i")
+#: dual student's (``dcd_denoised_t2i``, whose fair control is ``baseline_t2i``)
+FUSION_METHODS = ("baseline", "vanilla_kd", "dcd", "dcd_denoised_t2i", "baseline_t2i")
 #: a fusion student is a re-ranker: it is measured on the top FUSION_RERANK_K candidates per query of the
 #: undistilled dual student of the same seed (an exhaustive cross-encoder pass costs ~15 min per split here)
 FUSION_RERANK_K = 16
