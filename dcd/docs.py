@@ -26,11 +26,12 @@ PAGES = ("README.md", "docs/experiments.md", "docs/embedded-default.md")
 BLOCK = re.compile(r"(<!-- generated: (?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- end: (?P=name) -->)", re.S)
 
 
-def _records(name: str, teacher: Optional[str] = None) -> List[Dict]:
-    """The records of ``benchmarks/results/<name>.json`` (``teacher``: that teacher family's only; METER and ViLT
-    sweeps share a file)."""
+def _records(name: str, teacher: Optional[str] = None, student: Optional[str] = None) -> List[Dict]:
+    """The records of ``benchmarks/results/<name>.json`` (``teacher``: that teacher family's only, METER and ViLT
+    sweeps share a file; ``student``: that student kind's and the teacher's, a fusion row may share a dual's name)."""
     records = json.loads((RESULTS / f"{name}.json").read_text())["records"]
-    return [r for r in records if teacher is None or r["teacher"] == teacher]
+    return [r for r in records if (teacher is None or r["teacher"] == teacher)
+            and (student is None or r["student"] in (student, "teacher"))]
 
 
 def _compression(name: str) -> Callable[[], str]:
@@ -54,7 +55,7 @@ def _headline() -> str:
     """The fair comparison in one table: DCD's dual student against the same student and loss with no teacher."""
     from .ablations import paired_differences, summarise
 
-    records = _records("compression", teacher="meter")
+    records = _records("compression", teacher="meter", student="dual")
     rows = {r["method"]: r for r in summarise(records)}
     (pair,) = [p for p in paired_differences(records, against={"dcd_denoised_t2i": "baseline_t2i"})]
     low, high = pair["ci95"] if pair["ci95"] else (float("nan"), float("nan"))
@@ -82,7 +83,7 @@ def _parts() -> str:
     """What each of DCD's parts adds: the full recipe minus the row without it, paired by seed, with its interval."""
     from .ablations import paired_differences
 
-    records = _records("compression", teacher="meter")
+    records = _records("compression", teacher="meter", student="dual")
     pairs = {p["method"]: p for p in paired_differences(records, against={m: "dcd_denoised_t2i" for _, m in PARTS})}
     lines = ["| part of DCD | full recipe minus the row without it (test RSUM) | 95 % CI | seeds |", "|---|---|---|---|"]
     for label, method in PARTS:
@@ -108,7 +109,7 @@ def _out_of_fold() -> str:
     the student minus the one-teacher DCD student and minus the no-teacher baseline of the same seed."""
     from .ablations import paired_differences, summarise
 
-    reference = [r for r in _records("compression", teacher="meter")
+    reference = [r for r in _records("compression", teacher="meter", student="dual")
                  if r["method"] in ("dcd_denoised_t2i", "baseline_t2i")]
 
     def paired(records, against, metric):
@@ -124,7 +125,7 @@ def _out_of_fold() -> str:
     for name, label in TEACHER_VARIANTS:
         if not (RESULTS / f"{name}.json").is_file():
             continue
-        records = _records(name, teacher="meter")
+        records = _records(name, teacher="meter", student="dual")
         teacher = next(r for r in records if r["method"] == "teacher")
         # this variant's DCD students as a method of their own, beside the one-teacher sweep's rows of the same seeds
         variant = [{**r, "method": "variant"} for r in records if r["method"] == "dcd_denoised_t2i"]

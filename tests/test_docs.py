@@ -48,7 +48,10 @@ def test_the_meter_tables_read_meter_records_only(tmp_path, monkeypatch):
         record("meter", m, s, base + s) for s in range(3) for m, base in (("baseline_t2i", 330), ("dcd_denoised_t2i", 360))]
     vilt = [record("vilt", "teacher", None, 111.0), record("vilt", "baseline_t2i", 0, 1.0),
             record("vilt", "dcd_denoised_t2i", 0, 2.0)]
-    (tmp_path / "compression.json").write_text(json.dumps({"records": meter + vilt}))
+    # a fusion row may carry a dual row's method name (the fusion student's two-direction recipe): not the dual's
+    fusion = [{**record("meter", m, 0, 999.0), "student": "fusion"} for m in ("baseline_t2i", "dcd_denoised_t2i")]
+    (tmp_path / "compression.json").write_text(json.dumps({"records": meter + vilt + fusion}))
     monkeypatch.setattr(docs, "RESULTS", tmp_path)
     headline = docs.GENERATORS["headline"]()
-    assert "345.0" in headline and "111.0" not in headline and "+30.0 RSUM" in headline
+    assert "345.0" in headline and "111.0" not in headline and "+30.0 RSUM" in headline and "999" not in headline
+    assert "999" not in docs.GENERATORS["parts"]()
