@@ -164,19 +164,19 @@ def row_recipe(settings: DistillSettings, setup: RunSetup, method: str, seed: in
 
 
 def find_record(kind: str, method: str, seed: int, settings: DistillSettings, setup: RunSetup,
-                root: Path, sweep: Optional[DistillSettings] = None) -> Tuple[Path, Dict[str, Any], Optional[Dict]]:
+                root: Path) -> Tuple[Path, Dict[str, Any], Optional[Dict[str, Any]]]:
     """``(path, identity, stored)`` of a row's record: its content-addressed file under ``root/records`` and what
     it holds (or what an earlier dcd wrote for the same identity, :func:`dcd.migrate.legacy_record`; None: not
-    measured yet). ``settings``: the row's own; ``sweep``: those of the dual baseline a fusion row re-ranks (default:
-    the row's)."""
+    measured yet). A fusion row's first stage is found with the same ``settings``."""
     recipe, uses = row_recipe(settings, setup, method, seed)
     student = build_student(kind, recipe, setup.teacher, setup.teacher_model)
-    return _locate(kind, method, seed, recipe, uses, student, sweep or settings, setup, root)
+    return _locate(kind, method, seed, recipe, uses, student, settings, setup, root)
 
 
 def _locate(kind: str, method: str, seed: int, recipe: Recipe, uses: bool, student: Scorer,
             sweep: DistillSettings, setup: RunSetup, root: Path) -> Tuple[Path, Dict[str, Any], Optional[Dict]]:
-    """:func:`find_record` for a row whose recipe and untrained student are already built."""
+    """:func:`find_record` for a row whose recipe and untrained student are already built; ``sweep``: the settings
+    of the dual baseline a fusion row re-ranks."""
     identity = recipe.identity("student", role_of(kind, uses), start=weights_sha256(student))
     if kind == "fusion":  # measured as a re-ranker: of which retriever, at which depth, belongs to its record
         _, first_stage, _ = find_record("dual", "baseline", seed, sweep, setup, root)
@@ -193,9 +193,8 @@ def _locate(kind: str, method: str, seed: int, recipe: Recipe, uses: bool, stude
 
 
 def _one_run(kind: str, method: str, seed: int, settings: DistillSettings, setup: RunSetup, root: Path,
-             train: bool = True, sweep: Optional[DistillSettings] = None) -> Optional[Dict[str, Any]]:
+             train: bool, sweep: DistillSettings) -> Optional[Dict[str, Any]]:
     """One row at ``settings`` (its own budget); ``sweep``: the settings of the dual baseline a fusion row re-ranks."""
-    sweep = sweep or settings
     recipe, uses = row_recipe(settings, setup, method, seed)
     student = build_student(kind, recipe, setup.teacher, setup.teacher_model)
     path, identity, stored = _locate(kind, method, seed, recipe, uses, student, sweep, setup, root)
