@@ -255,7 +255,9 @@ def test_changing_the_seed_retrains(data_json, splits, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ evaluation cache
-def test_cached_score_matrix_is_reused_and_rerank_matches(splits, tmp_path):
+def test_cached_score_matrix_is_reused_and_rerank_matches(splits, tmp_path, caplog):
+    import logging
+
     from dcd import retrieval
 
     split = splits["eval"]
@@ -266,8 +268,11 @@ def test_cached_score_matrix_is_reused_and_rerank_matches(splits, tmp_path):
     again, info2 = score_matrices.cached_score_matrix(teacher, split, tmp_path / "scores", progress=False)
     assert torch.equal(scores, again) and info2 == info
     torch.manual_seed(3)
-    _, other = score_matrices.cached_score_matrix(as_teacher(meter_preset("roberta32x1-vit32x2")), split, tmp_path / "scores", progress=False)
+    with caplog.at_level(logging.INFO, logger="dcd"):
+        _, other = score_matrices.cached_score_matrix(as_teacher(meter_preset("roberta32x1-vit32x2")), split,
+                                                      tmp_path / "scores", progress=False)
     assert other["header"]["model"] != info["header"]["model"]  # another model: recomputed, not reused
+    assert sum("recomputing" in r.getMessage() for r in caplog.records) == 1  # said once, not once per look
     # re-ranking all candidates with the model's own matrix gives the model's own recall
     first = torch.randn_like(scores)
     full = score_matrices.rerank_with_matrix(first, again, split, k=max(scores.shape))
