@@ -107,13 +107,15 @@ def cached_score_matrix(model: Scorer, split, directory: str | Path, device: str
     directory = Path(directory)
     matrix_path, info_path = directory / f"{_stem(model, split)}.npy", directory / f"{_stem(model, split)}.json"
     header = _header(model, split)
-    found = _stored_scores(matrix_path, info_path, header, model, split, say_stale=False)
+    found = _stored_scores(matrix_path, info_path, header, model, split)
     if found is not None:
         return found
     with stage_lock(matrix_path.with_suffix("")):  # a second sweep waits for the first's pass, then reads it
         found = _stored_scores(matrix_path, info_path, header, model, split)
         if found is not None:
             return found
+        if info_path.is_file() and matrix_path.is_file():  # said where the pass is decided, not by each look
+            log.info("scores of %s: %s was made for another model or split; recomputing", split.name, matrix_path)
         import time
 
         started = time.perf_counter()
@@ -135,17 +137,12 @@ def cached_score_matrix(model: Scorer, split, directory: str | Path, device: str
 
 
 def _stored_scores(matrix_path: Path, info_path: Path, header: Dict[str, Any], model: Scorer,
-                   split, say_stale: bool = True) -> Optional[Tuple[Tensor, Dict[str, Any]]]:
-    """The matrix and info stored for ``header``, or None (nothing stored, or stored for another model / split).
-
-    ``say_stale=False`` for the look before the lock: only the look under it decides to recompute, so the log says
-    "recomputing" once."""
+                   split) -> Optional[Tuple[Tensor, Dict[str, Any]]]:
+    """The matrix and info stored for ``header``, or None (nothing stored, or stored for another model / split)."""
     if not (info_path.is_file() and matrix_path.is_file()):
         return None
     info = _stored_info(info_path, header, model)
     if info is None:
-        if say_stale:
-            log.info("scores of %s: %s was made for another model or split; recomputing", split.name, matrix_path)
         return None
     log.info("scores of %s: reusing %s", split.name, matrix_path)
     return torch.from_numpy(np.load(matrix_path)), info
